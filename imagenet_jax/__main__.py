@@ -1,0 +1,3 @@
+from imagenet_jax.cli import run
+
+run()

@@ -1,0 +1,54 @@
+"""Orbax checkpoints of the train state: async, every N steps and at the end, last K kept.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a
+run killed mid-save never leaves a checkpoint that looks finished. Every process
+writes its own shards; restoring places each array straight into the sharding of
+the live state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+    """The run's checkpoint folder: `save` at intervals, `restore_latest` on start."""
+
+    def __init__(self, directory: str | Path, *, every_steps: int, keep: int):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps,
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Starts an async save if `step` is on the interval (or `force`); returns whether."""
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def restore_latest(self, state: Any) -> Any:
+        """The latest checkpoint laid out like `state` (shapes, dtypes, shardings), or `state`."""
+        step = self.latest_step()
+        if step is None:
+            return state
+        logging.info("Restoring checkpoint of step %d from %s", step, self.directory)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,135 @@
+"""Config fields, validation, and the values derived from them at run time.
+
+Every config in configs/ starts from `base_config()` and overrides what its recipe
+changes. Values that depend on the dataset or the hardware (steps per epoch, the
+learning rate scaled by batch size) are never written in a config: `derive`
+computes them when the run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd",)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says what is wrong and what is valid."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """ResNet-50 on ImageNet, the Goyal et al. (2017) recipe with a cosine schedule."""
+    c = ml_collections.ConfigDict()
+    c.model = "resnet50"
+    c.dataset = "demo"               # 'demo' or 'folder:/path' (see data/sources.py)
+    c.image_size = 224               # train and eval resolution
+    c.batch_size = 256               # global, over all devices and processes
+    c.eval_batch_size = 256          # global; the last batch is padded and masked
+    c.num_epochs = 90.0
+    c.seed = 0
+
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1            # per 256 examples: scaled by batch_size / 256
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4            # on conv and dense kernels only, not BN or biases
+    c.label_smoothing = 0.1
+    c.lr_schedule = "cosine"         # 'cosine', 'step' or 'constant', after linear warmup
+    c.warmup_epochs = 5.0
+    c.lr_decay_epochs = (30, 60, 80)  # 'step' only: multiply by lr_decay_factor at each
+    c.lr_decay_factor = 0.1
+
+    c.crop_scale = (0.08, 1.0)       # random-resized-crop area fraction
+    c.crop_aspect_ratio = (3 / 4, 4 / 3)
+    c.eval_crop_ratio = 0.875        # centre crop of this fraction of the short side
+
+    c.dtype = "float32"              # computation; parameters and optimizer state stay float32
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1.0
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.prefetch_batches = 2           # global batches in flight to the devices
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """What a run computes from its config, its dataset and its devices."""
+
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+    steps_per_epoch: int
+    num_train_steps: int
+    warmup_steps: int
+    eval_every_steps: int
+    peak_learning_rate: float
+    num_devices: int
+    num_processes: int
+
+
+def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_devices: int,
+             num_processes: int = 1) -> None:
+    """Raises ConfigError for the first field that cannot run."""
+    from imagenet_jax.data.sources import parse_dataset
+
+    def check(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    check(config.model in model_names,
+          f"unknown model {config.model!r}; valid models: {', '.join(model_names)}")
+    try:
+        parse_dataset(config.dataset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name in ("batch_size", "eval_batch_size"):
+        value = config[name]
+        check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check(value % num_devices == 0,
+              f"{name}={value} is not divisible by the number of devices ({num_devices}); "
+              f"use a multiple of {num_devices}")
+        check(value % num_processes == 0,
+              f"{name}={value} is not divisible by the number of processes ({num_processes})")
+    check(config.num_epochs > 0, f"num_epochs must be positive, got {config.num_epochs}")
+    check(config.image_size > 0, f"image_size must be positive, got {config.image_size}")
+    check(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+    check(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
+    check(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
+    check(config.lr_schedule in SCHEDULES,
+          f"unknown lr_schedule {config.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
+    check(config.optimizer in OPTIMIZERS,
+          f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    check(0 < config.crop_scale[0] <= config.crop_scale[1] <= 1,
+          f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(config.crop_scale)}")
+    check(0 < config.eval_crop_ratio <= 1,
+          f"eval_crop_ratio must be in (0, 1], got {config.eval_crop_ratio}")
+    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        check(config[name] > 0, f"{name} must be positive, got {config[name]}")
+    check(config.eval_every_epochs > 0,
+          f"eval_every_epochs must be positive, got {config.eval_every_epochs}")
+
+
+def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_examples: int,
+           num_eval_examples: int, num_devices: int, num_processes: int) -> Derived:
+    steps_per_epoch = num_train_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the training split "
+                          f"({num_train_examples} examples)")
+    return Derived(
+        num_classes=num_classes,
+        num_train_examples=num_train_examples,
+        num_eval_examples=num_eval_examples,
+        steps_per_epoch=steps_per_epoch,
+        num_train_steps=max(1, math.ceil(config.num_epochs * steps_per_epoch)),
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
+        peak_learning_rate=config.learning_rate * config.batch_size / 256,
+        num_devices=num_devices,
+        num_processes=num_processes,
+    )

@@ -1,0 +1,89 @@
+"""Datasets by name: where the examples of each split are and what their classes are.
+
+`config.dataset` picks one:
+  demo               the generated demo dataset (a folder in ImageNet's layout)
+  folder:/path/root  any folder laid out as `root/<split>/<class>/<image>`
+The number of classes, their names and the split sizes always come from the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from imagenet_jax.data import demo
+
+SPLITS = ("train", "val")
+DATASET_FORMS = "'demo' or 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+    """Image files in `root/<split>/<class>/<file>`; labels index the sorted class folders."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    files: dict[str, np.ndarray]   # split -> file paths (str), sorted
+    labels: dict[str, np.ndarray]  # split -> int32 labels, aligned with `files`
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def num_examples(self, split: str) -> int:
+        return len(self.files[split])
+
+
+def parse_dataset(spec: str) -> tuple[str, str]:
+    """Splits `spec` into (kind, argument); raises ValueError naming the valid forms."""
+    if spec == "demo":
+        return "demo", ""
+    kind, sep, arg = spec.partition(":")
+    if kind == "folder" and sep and arg:
+        return kind, arg
+    raise ValueError(f"unknown dataset {spec!r}; valid forms: {DATASET_FORMS}")
+
+
+def get_source(spec: str) -> FolderSource:
+    """Opens the dataset named by `spec`, generating the demo dataset on first use."""
+    kind, arg = parse_dataset(spec)
+    root = demo.ensure_demo_dataset() if kind == "demo" else Path(arg).expanduser()
+    return open_folder(root)
+
+
+def open_folder(root: Path) -> FolderSource:
+    """Lists every split of a folder dataset; class names come from the train split."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} has no train/ directory; expected "
+                                "root/train/<class>/<image> and root/val/<class>/<image>")
+    class_names = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
+    if not class_names:
+        raise FileNotFoundError(f"{train_dir} has no class folders")
+    files, labels = {}, {}
+    for split in SPLITS:
+        files[split], labels[split] = _list_split(root / split, class_names)
+    return FolderSource(root, class_names, files, labels)
+
+
+def _list_split(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"dataset split folder {split_dir} does not exist")
+    extra = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(class_names))
+    if extra:
+        raise ValueError(f"{split_dir} has class folders missing from train/: {extra[:5]}")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        names = sorted(e.name for e in os.scandir(class_dir) if e.is_file() or e.is_symlink())
+        paths.extend(str(class_dir / n) for n in names)
+        labels.extend([label] * len(names))
+    if not paths:
+        raise FileNotFoundError(f"dataset split folder {split_dir} holds no images")
+    return np.asarray(paths), np.asarray(labels, np.int32)

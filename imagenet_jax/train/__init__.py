@@ -1,0 +1,1 @@
+"""Train state, optimizers and schedules, the pure train/eval steps, and the loop."""

@@ -1,0 +1,177 @@
+"""The training loop: build everything from a config, train, evaluate, checkpoint.
+
+`train_and_evaluate(config, workdir)` is the whole run; the CLI only parses flags
+and calls it. Re-running on the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from clu import parameter_overview, periodic_actions
+from flax import nnx
+from jax.sharding import Mesh
+
+from imagenet_jax import models
+from imagenet_jax.checkpoint import Checkpointer
+from imagenet_jax.config import ConfigError, Derived, derive, validate
+from imagenet_jax.data import pipeline, sources
+from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
+from imagenet_jax.parallel import make_global_batch, make_mesh, prefetch_to_device
+from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
+from imagenet_jax.train.state import TrainState, create_train_state
+from imagenet_jax.train.steps import jit_eval_step, jit_train_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains `config` in `workdir` to the end and returns the final validation metrics."""
+    workdir = Path(workdir)
+    source, derived = plan(config)
+    mesh = make_mesh()
+    logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
+                 derived.num_processes, derived)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(workdir, config, derived)
+
+    run = build(config, derived, mesh)
+    state = run.state
+    checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                                keep=config.keep_checkpoints)
+    state = checkpointer.restore_latest(state)
+    start_step = int(state.step)
+    if start_step >= derived.num_train_steps:
+        logging.info("The run in %s already finished (step %d).", workdir, start_step)
+        checkpointer.close()
+        return last_record(workdir, "val")
+    if start_step == 0 and jax.process_index() == 0:
+        parameter_overview.log_parameter_overview(state.params)
+
+    logger = MetricsLogger(workdir, resume_step=start_step)
+    evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
+
+    sharding = pipeline.Sharding(config.batch_size, jax.process_index(), jax.process_count())
+    train_batches = prefetch_to_device(
+        pipeline.train_dataset(source, sharding, image_size=config.image_size, seed=config.seed,
+                               start_step=start_step, crop_scale=tuple(config.crop_scale),
+                               crop_ratio=tuple(config.crop_aspect_ratio)).as_numpy_iterator(),
+        config.prefetch_batches, functools.partial(make_global_batch, mesh=mesh))
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=derived.num_train_steps, writer=logger.writer)
+
+    val_metrics: dict = {}
+    pending_metrics = []  # on the device until the next log: the loop never waits on a step
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, derived.num_train_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = run.train_step(state, next(train_batches))
+        pending_metrics.append(metrics)
+        report_progress(step)
+        is_last = step == derived.num_train_steps
+        if step % config.log_every_steps == 0 or is_last:
+            train_metrics = merge_metrics(jax.device_get(pending_metrics))
+            pending_metrics = []
+            now = time.perf_counter()
+            images = (step - last_log_step) * config.batch_size
+            train_metrics["images_per_sec"] = images / (now - last_log_time)
+            last_log_time, last_log_step = now, step
+            logger.log(step, "train", train_metrics)
+        if step % derived.eval_every_steps == 0 or is_last:
+            val_metrics = evaluate(state)
+            logger.log(step, "val", val_metrics)
+            last_log_time = time.perf_counter()  # keep eval time out of images/s
+        checkpointer.save(step, state, force=is_last)
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    return {"step": derived.num_train_steps, "split": "val", **val_metrics}
+
+
+def plan(config: ml_collections.ConfigDict) -> tuple[sources.FolderSource, Derived]:
+    """Validates `config`, opens its dataset and derives the run's numbers from both.
+
+    Raises ConfigError, before anything is built, for anything the user must fix.
+    """
+    validate(config, model_names=models.names(), num_devices=jax.device_count(),
+             num_processes=jax.process_count())
+    try:
+        source = sources.get_source(config.dataset)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
+    derived = derive(config, num_classes=source.num_classes,
+                     num_train_examples=source.num_examples("train"),
+                     num_eval_examples=source.num_examples("val"),
+                     num_devices=jax.device_count(), num_processes=jax.process_count())
+    return source, derived
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run is made of, built from its config: model, state and compiled steps."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    train_step: Callable    # (state, batch) -> (state, TrainMetrics); donates state
+    eval_step: Callable     # (state, batch) -> EvalMetrics
+    learning_rate_fn: Callable
+
+
+def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
+    """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
+    learning_rate_fn = create_learning_rate_fn(config, derived)
+    tx = create_optimizer(config, learning_rate_fn)
+    dtype = jnp.dtype(config.dtype)
+
+    def model_fn(rngs: nnx.Rngs) -> nnx.Module:
+        return models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
+                             rngs=rngs)
+
+    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed)
+    train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
+                                learning_rate_fn=learning_rate_fn,
+                                label_smoothing=config.label_smoothing, dtype=dtype)
+    eval_step = jit_eval_step(mesh, state, graphdef=graphdef, dtype=dtype)
+    return Run(graphdef, state, train_step, eval_step, learning_rate_fn)
+
+
+def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,
+             mesh) -> dict:
+    """Exact metrics over the whole validation split, whatever the batch and device count."""
+    sharding = pipeline.Sharding(config.eval_batch_size, jax.process_index(), jax.process_count())
+    dataset = pipeline.eval_dataset(source, sharding, image_size=config.image_size,
+                                    crop_ratio=config.eval_crop_ratio)
+    batches = prefetch_to_device(dataset.as_numpy_iterator(), config.prefetch_batches,
+                                 functools.partial(make_global_batch, mesh=mesh))
+    totals = None
+    for batch in batches:
+        metrics = eval_step(state, batch)
+        totals = metrics if totals is None else totals.merge(metrics)
+    totals = jax.device_get(totals)
+    result = {k: float(v) for k, v in totals.compute().items() if k != "num_examples"}
+    result["num_examples"] = int(totals.num_examples.count)
+    return result
+
+
+def merge_metrics(collections: list) -> dict:
+    merged = functools.reduce(lambda a, b: a.merge(b), collections)
+    return {k: float(v) for k, v in merged.compute().items()}
+
+
+def save_config(workdir: Path, config: ml_collections.ConfigDict, derived: Derived) -> None:
+    resolved = {"config": json.loads(config.to_json_best_effort()),
+                "derived": dataclasses.asdict(derived)}
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+def last_record(workdir: Path, split: str) -> dict:
+    records = [r for r in read_records(workdir / METRICS_FILE) if r["split"] == split]
+    return records[-1] if records else {}

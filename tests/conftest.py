@@ -1,0 +1,48 @@
+"""Test set-up: 8 fake CPU devices, quiet TensorFlow, and a tiny demo dataset."""
+
+import os
+
+# Before jax is imported anywhere: the suite runs on 8 fake CPU devices, so every
+# test can build a 1-device mesh and an 8-device mesh side by side.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from imagenet_jax.config import base_config  # noqa: E402
+from imagenet_jax.data import demo  # noqa: E402
+
+# 10 classes x 40 train and x 7 val images: 70 val examples, not a multiple of any
+# batch the tests use, so the last eval batch is always ragged.
+TINY_SPLITS = {"train": 40, "val": 7}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_demo")
+    demo.write_demo_dataset(root, TINY_SPLITS)
+    return root
+
+
+def tiny_config(dataset_root: Path, **overrides):
+    """The demo recipe shrunk to seconds: 16x16 images, ResNet-tiny, a few steps."""
+    config = base_config()
+    config.model = "resnet_tiny"
+    config.dataset = f"folder:{dataset_root}"
+    config.image_size = 16
+    config.batch_size = 32
+    config.eval_batch_size = 16
+    config.num_epochs = 2.0
+    config.learning_rate = 0.4
+    config.warmup_epochs = 0.5
+    config.crop_scale = (0.35, 1.0)
+    config.log_every_steps = 5
+    config.checkpoint_every_steps = 5
+    config.eval_every_epochs = 1.0
+    for key, value in overrides.items():
+        config[key] = value
+    return config

@@ -1,0 +1,99 @@
+"""The train and eval steps: device-count invariance, exact eval, schedules, decay mask."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from imagenet_jax.data import pipeline
+from imagenet_jax.parallel import make_global_batch, make_mesh
+from imagenet_jax.train import loop, optim, steps
+
+
+def _train(config, mesh, num_steps):
+    source, derived = loop.plan(config)
+    run = loop.build(config, derived, mesh)
+    batches = pipeline.train_dataset(
+        source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
+        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+    state, losses = run.state, []
+    for _ in range(num_steps):
+        state, metrics = run.train_step(state, make_global_batch(next(batches), mesh))
+        losses.append(float(metrics.loss.compute()))
+    return jax.device_get(state), losses
+
+
+def _max_relative_difference(a, b):
+    diffs = jax.tree.map(lambda x, y: np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def test_one_and_eight_devices_train_the_same(tiny_dataset):
+    assert jax.device_count() == 8
+    config = tiny_config(tiny_dataset, batch_size=32)
+    state_1, losses_1 = _train(config, make_mesh(jax.devices()[:1]), 3)
+    state_8, losses_8 = _train(config, make_mesh(jax.devices()), 3)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    assert _max_relative_difference(state_8.params, state_1.params) <= 1e-5
+    assert _max_relative_difference(state_8.model_state, state_1.model_state) <= 1e-5
+    # The steps moved the parameters: the comparison is not between two initial states.
+    initial, _ = _train(config, make_mesh(jax.devices()[:1]), 0)
+    assert _max_relative_difference(state_1.params, initial.params) > 1e-3
+
+
+def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
+    config = tiny_config(tiny_dataset, eval_batch_size=16)  # 70 = 4 * 16 + 6
+    source, derived = loop.plan(config)
+    mesh = make_mesh()
+    run = loop.build(config, derived, mesh)
+    state, _ = _train(config, mesh, 4)  # a model whose predictions are not all alike
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, run.state))
+    result = loop.run_eval(run.eval_step, state, source=source, config=config, mesh=mesh)
+    assert result["num_examples"] == 70
+
+    # Reference: every validation image at once, one device, no padding.
+    whole = pipeline.Sharding(80)
+    images = next(pipeline.eval_dataset(source, whole, image_size=16).as_numpy_iterator())
+    model = nnx.merge(run.graphdef, jax.device_get(state.params),
+                      jax.device_get(state.model_state))
+    model.eval()
+    logits = model(steps.normalize(images["image"][:70], np.float32))
+    labels = source.labels["val"]
+    expected_top1 = float(np.mean(np.argmax(logits, -1) == labels))
+    expected_loss = float(np.mean(steps.cross_entropy(logits, labels, 0.0)))
+    assert result["top1"] == pytest.approx(expected_top1, abs=1e-6)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_learning_rate_warmup_then_cosine(tiny_dataset):
+    config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=1.0,
+                         num_epochs=4.0)
+    _, derived = loop.plan(config)
+    assert derived.steps_per_epoch == 6 and derived.num_train_steps == 24
+    assert derived.peak_learning_rate == pytest.approx(0.1 * 64 / 256)
+    lr = optim.create_learning_rate_fn(config, derived)
+    assert float(lr(0)) == 0.0
+    assert float(lr(3)) == pytest.approx(derived.peak_learning_rate / 2)
+    assert float(lr(6)) == pytest.approx(derived.peak_learning_rate)
+    assert float(lr(24)) == pytest.approx(0.0, abs=1e-9)
+    values = [float(lr(s)) for s in range(6, 25)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_step_schedule_divides_at_the_given_epochs(tiny_dataset):
+    config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=0.0,
+                         num_epochs=4.0, lr_schedule="step", lr_decay_epochs=(2, 3))
+    _, derived = loop.plan(config)
+    lr = optim.create_learning_rate_fn(config, derived)
+    peak = derived.peak_learning_rate
+    assert [float(lr(s)) for s in (0, 11, 12, 18)] == pytest.approx(
+        [peak, peak, peak * 0.1, peak * 0.01])
+
+
+def test_weight_decay_only_on_kernels():
+    params = {"conv": {"kernel": np.ones(2)}, "bn": {"scale": np.ones(2), "bias": np.ones(2)},
+              "fc": {"kernel": np.ones(2), "bias": np.ones(2)}}
+    mask = optim.kernel_mask(params)
+    assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
+                    "fc": {"kernel": True, "bias": False}}
