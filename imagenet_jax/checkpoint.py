@@ -25,6 +25,7 @@ class Checkpointer:
             save_interval_steps=every_steps,
             max_to_keep=keep,
             create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
             enable_async_checkpointing=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -45,6 +46,11 @@ class Checkpointer:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def load(self, step: int | None = None) -> Any:
+        """The arrays of checkpoint `step` (default: latest) as saved, for inspection."""
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.StandardRestore())
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

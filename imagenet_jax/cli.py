@@ -1,7 +1,11 @@
 """The `imagenet-jax` command: flags and subcommands only; each calls one library function.
 
   imagenet-jax [train] [--config=configs/NAME.py] [--workdir=DIR] [--config.FIELD=VALUE ...]
+      Train and evaluate; with no flags, the demo config into runs/demo. Any config field
+      can be overridden, e.g. --config.model=resnet18 --config.num_epochs=30. Re-running
+      on a workdir resumes from its latest checkpoint.
   imagenet-jax models [--json]
+      The registered models with their parameter counts and native resolutions.
 
 A bad config or flag prints one line saying what is wrong and what is valid, and
 exits with status 2 before anything runs.
@@ -10,6 +14,7 @@ exits with status 2 before anything runs.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 from pathlib import Path
@@ -21,15 +26,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 EXIT_BAD_CONFIG = 2
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG),
-    "Config file (configs/NAME.py). Override any field with --config.FIELD=VALUE, e.g. "
-    "--config.model=resnet18 --config.batch_size=512 --config.dataset=folder:/data/imagenet",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved config "
-    "go here; re-running on it resumes. Default: runs/<config file name>.")
-_JSON = flags.DEFINE_bool("json", False, "models: print JSON instead of a table.")
+
+
+def _define_flags() -> None:
+    """Defined on first use, not at import: config_flags reads --config.* overrides from
+    sys.argv as soon as the flag exists, and a bad override must fail as a bad config."""
+    config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG),
+        "Config file (configs/NAME.py). Override any field with --config.FIELD=VALUE, e.g. "
+        "--config.model=resnet18 --config.batch_size=512 --config.dataset=folder:/data/imagenet",
+        lock_config=True)
+    flags.DEFINE_string(
+        "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
+        "config go here; re-running on it resumes. Default: runs/<config file name>.")
+    flags.DEFINE_bool("json", False, "models: print JSON instead of a table.")
 
 
 def _fail(message: str) -> None:
@@ -54,9 +64,9 @@ def train(argv: list[str]) -> None:
     from imagenet_jax.config import ConfigError, validate
     from imagenet_jax.train.loop import train_and_evaluate
 
-    config = _CONFIG.value
+    config = FLAGS.config
     config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
-    workdir = _WORKDIR.value or str(Path("runs") / config_file.stem)
+    workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
     try:
         validate(config, model_names=models.names(), num_devices=jax.device_count(),
                  num_processes=jax.process_count())
@@ -73,7 +83,7 @@ def list_models(argv: list[str]) -> None:
     from imagenet_jax.models import summary
 
     rows = summary.describe_all()
-    if _JSON.value:
+    if FLAGS.json:
         print(json.dumps(rows))
         return
     print(f"{'name':<20} {'params':>14} {'resolution':>10}")
@@ -82,6 +92,13 @@ def list_models(argv: list[str]) -> None:
 
 
 COMMANDS = {"train": train, "models": list_models}
+
+
+class _QuietCheckpointLibrary(std_logging.Filter):
+    """Orbax logs several INFO lines per save; keep its warnings and errors only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def run() -> None:
@@ -93,5 +110,19 @@ def run() -> None:
         command, args = args[0], args[1:]
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
+    try:
+        _define_flags()
+    except (KeyError, AttributeError) as e:
+        from imagenet_jax.config import base_config
+
+        field = str(e).strip("\"'")
+        _fail(f"config: unknown field {field!r}; valid fields: {', '.join(sorted(base_config()))}")
+    except (ValueError, flags.Error) as e:
+        _fail(f"config: {e}".replace("\n", " "))
+    if "--help" in args or "-h" in args:
+        print(__doc__)
+        print(FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
     app.run(COMMANDS[command], argv=[f"imagenet-jax {command}", *args], flags_parser=_parse_flags)

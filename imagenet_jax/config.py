@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.crop_aspect_ratio = (3 / 4, 4 / 3)
     c.eval_crop_ratio = 0.875        # centre crop of this fraction of the short side
 
+    # Devices along each mesh axis; -1 takes every device not used by the other axes.
+    # A smaller data axis runs on the first devices only (1 process).
+    c.mesh = ml_collections.ConfigDict({"data": -1})
+
     c.dtype = "float32"              # computation; parameters and optimizer state stay float32
     c.log_every_steps = 100
     c.eval_every_epochs = 1.0
@@ -69,8 +73,28 @@ class Derived:
     warmup_steps: int
     eval_every_steps: int
     peak_learning_rate: float
-    num_devices: int
+    num_devices: int            # in the mesh
     num_processes: int
+    mesh_shape: dict
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves config.mesh's -1 against `num_devices`; raises ConfigError if it cannot fit."""
+    sizes = dict(config.mesh)
+    unknown = [axis for axis, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ConfigError(f"mesh {sizes}: sizes must be positive or -1")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh {sizes}: {num_devices} devices do not divide by {fixed}")
+        sizes[unknown[0]] = num_devices // fixed
+    if math.prod(sizes.values()) > num_devices:
+        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; "
+                          f"{num_devices} are available")
+    return sizes
 
 
 def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_devices: int,
@@ -88,12 +112,17 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
         parse_dataset(config.dataset)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    shape = mesh_shape(config, num_devices)
+    mesh_devices = math.prod(shape.values())
+    check(num_processes == 1 or mesh_devices == num_devices,
+          f"mesh {shape} must span all {num_devices} devices when running on several processes")
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
-        check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        check(value % num_devices == 0,
-              f"{name}={value} is not divisible by the number of devices ({num_devices}); "
-              f"use a multiple of {num_devices}")
+        check(isinstance(value, int) and value > 0,
+              f"{name} must be a positive integer, got {value!r}")
+        check(value % mesh_devices == 0,
+              f"{name}={value} is not divisible by the number of devices ({mesh_devices}); "
+              f"use a multiple of {mesh_devices}")
         check(value % num_processes == 0,
               f"{name}={value} is not divisible by the number of processes ({num_processes})")
     check(config.num_epochs > 0, f"num_epochs must be positive, got {config.num_epochs}")
@@ -117,6 +146,7 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
 
 def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_examples: int,
            num_eval_examples: int, num_devices: int, num_processes: int) -> Derived:
+    shape = mesh_shape(config, num_devices)
     steps_per_epoch = num_train_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the training split "
@@ -130,6 +160,7 @@ def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_exa
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
         peak_learning_rate=config.learning_rate * config.batch_size / 256,
-        num_devices=num_devices,
+        num_devices=math.prod(shape.values()),
         num_processes=num_processes,
+        mesh_shape=shape,
     )

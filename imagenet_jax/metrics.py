@@ -28,7 +28,7 @@ class MetricsLogger:
             truncate_after(self.path, resume_step)
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        scalars = {k: v if isinstance(v, int) else float(np.asarray(v)) for k, v in metrics.items()}
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self.is_writer:
             with self.path.open("a") as f:

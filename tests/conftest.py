@@ -12,8 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import tiny_config as tiny  # noqa: E402
 
-from imagenet_jax.config import base_config  # noqa: E402
 from imagenet_jax.data import demo  # noqa: E402
 
 # 10 classes x 40 train and x 7 val images: 70 val examples, not a multiple of any
@@ -29,20 +29,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def tiny_config(dataset_root: Path, **overrides):
-    """The demo recipe shrunk to seconds: 16x16 images, ResNet-tiny, a few steps."""
-    config = base_config()
-    config.model = "resnet_tiny"
+    """tests/configs/tiny.py on `dataset_root`, with `overrides` applied."""
+    config = tiny.get_config()
     config.dataset = f"folder:{dataset_root}"
-    config.image_size = 16
-    config.batch_size = 32
-    config.eval_batch_size = 16
-    config.num_epochs = 2.0
-    config.learning_rate = 0.4
-    config.warmup_epochs = 0.5
-    config.crop_scale = (0.35, 1.0)
-    config.log_every_steps = 5
-    config.checkpoint_every_steps = 5
-    config.eval_every_epochs = 1.0
     for key, value in overrides.items():
         config[key] = value
     return config

@@ -86,7 +86,10 @@ def render_example(label: int, rng: np.random.Generator) -> Image.Image:
     """One image of class `label`: shape over a cluttered, noisy background."""
     short = int(rng.integers(72, 129))
     aspect = float(rng.uniform(0.75, 4 / 3))
-    width, height = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+    if aspect >= 1:
+        width, height = round(short * aspect), short
+    else:
+        width, height = short, round(short / aspect)
     background, foreground = _contrasting_colours(rng)
     image = Image.fromarray(_gradient(height, width, background, rng))
     draw = ImageDraw.Draw(image)
@@ -145,7 +148,8 @@ def _draw_shape(image, draw, shape, cx, cy, size, colour, rng) -> None:
         corners = [(-r, -r), (r, -r), (r, r), (-r, r)]
         draw.polygon(_rotated([(x * 0.8, y * 0.8) for x, y in corners], cx, cy, tilt), fill=colour)
     elif shape == "triangle":
-        corners = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        angles = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        corners = [(r * math.cos(a), r * math.sin(a)) for a in angles]
         draw.polygon(_rotated(corners, cx, cy, tilt), fill=colour)
     elif shape == "plus":
         t = r * 0.3
@@ -182,7 +186,8 @@ def _draw_texture(image, shape, box, colour, rng) -> None:
         dy = (ys % period) - period / 2
         mask = dx**2 + dy**2 < (period * 0.3) ** 2
     pixels = np.asarray(image).copy()
-    region = pixels[max(y0, 0):y1, max(x0, 0):x1]
-    mask = mask[max(-y0, 0):max(-y0, 0) + region.shape[0], max(-x0, 0):max(-x0, 0) + region.shape[1]]
+    region = pixels[max(y0, 0):y1, max(x0, 0):x1]  # the box clipped to the image
+    top, left = max(-y0, 0), max(-x0, 0)
+    mask = mask[top:top + region.shape[0], left:left + region.shape[1]]
     region[mask] = colour
     image.paste(Image.fromarray(pixels))

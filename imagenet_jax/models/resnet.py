@@ -1,4 +1,4 @@
-"""ResNet (He et al. 2015) in Flax NNX: v1.5 by default, with v1, ResNet-D, wide and ResNeXt options.
+"""ResNet (He et al. 2015) in Flax NNX: v1.5 by default; v1, ResNet-D, Wide and ResNeXt options.
 
 Layout: NHWC activations, HWIO kernels. Layer names follow torchvision's
 (`conv1`, `bn1`, `layer1..4[i].conv1/bn1/...`, `downsample`, `fc`) so that

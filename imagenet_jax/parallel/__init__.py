@@ -5,6 +5,7 @@ from imagenet_jax.parallel.mesh import (
     batch_sharding,
     make_global_batch,
     make_mesh,
+    mesh_from_shape,
     prefetch_to_device,
     replicated,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "batch_sharding",
     "make_global_batch",
     "make_mesh",
+    "mesh_from_shape",
     "prefetch_to_device",
     "replicated",
 ]

@@ -19,9 +19,16 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: every device of every process)."""
+    """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def mesh_from_shape(shape: dict[str, int]) -> Mesh:
+    """The mesh over the first prod(shape) devices, axes in `shape`'s order."""
+    sizes = tuple(shape.values())
+    devices = np.asarray(jax.devices()[:int(np.prod(sizes))]).reshape(sizes)
+    return Mesh(devices, tuple(shape))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -26,7 +26,7 @@ from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived, derive, validate
 from imagenet_jax.data import pipeline, sources
 from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
-from imagenet_jax.parallel import make_global_batch, make_mesh, prefetch_to_device
+from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
 from imagenet_jax.train.state import TrainState, create_train_state
 from imagenet_jax.train.steps import jit_eval_step, jit_train_step
@@ -36,7 +36,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains `config` in `workdir` to the end and returns the final validation metrics."""
     workdir = Path(workdir)
     source, derived = plan(config)
-    mesh = make_mesh()
+    mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
                  derived.num_processes, derived)
     if jax.process_index() == 0:

@@ -1,0 +1,45 @@
+"""The command line: bad configs fail fast with one clear line and exit code 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=120, devices=8):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "imagenet_jax", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model=resnet5", "unknown model 'resnet5'; valid models: "),
+    ("--config.dataset=imagenet", "unknown dataset 'imagenet'; valid forms: "),
+    ("--config.batch_size=12", "batch_size=12 is not divisible by the number of devices (8)"),
+    ("--config.num_epochs=0", "num_epochs must be positive, got 0"),
+    ("--config.no_such_field=1", "no_such_field"),
+    ("--config.dataset=folder:/does/not/exist", "/does/not/exist has no train/ directory"),
+])
+def test_bad_config_exits_2_with_one_line(override, message, tmp_path):
+    result = run_cli("train", override, f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("imagenet-jax: error")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything ran
+
+
+def test_unknown_command():
+    result = run_cli("trian")
+    assert result.returncode == 2
+    assert "unknown command 'trian'; valid commands: train, models" in result.stderr
+
+
+def test_help_shows_how_to_override():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    assert "--config.FIELD=VALUE" in result.stdout + result.stderr
