@@ -1,7 +1,19 @@
 """The model registry: every architecture by its torchvision name.
 
-`create(name, num_classes=..., dtype=..., rngs=...)` builds an NNX module that maps
-NHWC images (normalised float) to logits.
+`create(name, num_classes=..., dtype=..., rngs=...)` builds an NNX module. Every model
+follows one contract, which the train and eval steps rely on:
+
+- `__init__(self, *, num_classes, dtype, param_dtype, rngs, **options)`: `dtype` is the
+  computation dtype, `param_dtype` the parameters'; `rngs` is used for initialisation
+  only (layers keep no RNG streams, so the state holds nothing but arrays).
+- `__call__(self, x, *, rngs=None)`: `x` is NHWC, normalised, in `dtype`. Dropout draws
+  from `rngs` (a fresh `nnx.Rngs(dropout=key)` per step). It returns logits; in
+  training (after `model.train()`), a model with auxiliary heads returns
+  `(logits, (aux_logits, ...))` instead.
+- `aux_loss_weights`: a class attribute, one weight per auxiliary head (empty if none).
+- `model.train()` / `model.eval()` switch BatchNorm and dropout (NNX's `deterministic`
+  and `use_running_average` attributes; a model's own `deterministic` attribute, if
+  it has one, is switched with them).
 """
 
 from __future__ import annotations

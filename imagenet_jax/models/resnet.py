@@ -119,6 +119,8 @@ class ResNet(nnx.Module):
         `base_width`.
     """
 
+    aux_loss_weights: tuple[float, ...] = ()  # no auxiliary heads
+
     def __init__(self, stage_sizes: Sequence[int], block: type[BasicBlock] | type[Bottleneck], *,
                  num_classes: int = 1000, width: int = 64, stem: str = "imagenet",
                  groups: int = 1, base_width: int = 64, stride_on_1x1: bool = False,
@@ -152,7 +154,8 @@ class ResNet(nnx.Module):
         self.fc = nnx.Linear(in_features, num_classes, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        del rngs  # no dropout
         for layer in self.stem:
             x = nnx.relu(layer(x))
         if self.max_pool:

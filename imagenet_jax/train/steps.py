@@ -68,13 +68,22 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     images = normalize(batch["image"], dtype)
     labels = batch["label"]
 
+    # A key per step, not a carried stream: resuming at step s redraws the same dropout masks.
+    dropout_rngs = nnx.Rngs(dropout=jax.random.fold_in(state.rng, state.step))
+
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.model_state)
         model.train()
-        logits = model(images)
+        outputs = model(images, rngs=dropout_rngs)
+        # Models with auxiliary heads return (logits, aux_logits) in training; the aux
+        # losses enter the objective with the model's weights, never the metrics.
+        logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, ())
         loss = cross_entropy(logits, labels, label_smoothing)
+        objective = loss.mean()
+        for weight, aux in zip(model.aux_loss_weights, aux_logits, strict=True):
+            objective += weight * cross_entropy(aux, labels, label_smoothing).mean()
         new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-        return loss.mean(), (loss, logits, new_model_state)
+        return objective, (loss, logits, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (loss, logits, model_state)), grads = grad_fn(state.params)
