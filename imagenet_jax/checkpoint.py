@@ -27,25 +27,50 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
             enable_async_checkpointing=True,
+            # Wait for the previous async save rather than skip an interval step.
+            enable_should_save_is_saving_in_progress_check=False,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(step)
+
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Starts an async save if `step` is on the interval (or `force`); returns whether."""
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def restore_latest(self, state: Any) -> Any:
-        """The latest checkpoint laid out like `state` (shapes, dtypes, shardings), or `state`."""
-        step = self.latest_step()
-        if step is None:
-            return state
-        logging.info("Restoring checkpoint of step %d from %s", step, self.directory)
+        """The newest readable checkpoint, laid out like `state`; `state` if there is none.
+
+        Arrays go straight into `state`'s shardings, so a checkpoint written on 8 devices
+        restores on 4 or 1. A checkpoint that fails to read is skipped with a warning
+        naming its step, and the one before it is tried.
+        """
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                logging.warning("Checkpoint of step %d in %s cannot be read (%s: %s); "
+                                "moving it aside and trying the previous one.", step,
+                                self.directory, type(e).__name__, str(e)[:300])
+                self._set_aside(step)
+                continue
+            logging.info("Restored the checkpoint of step %d from %s", step, self.directory)
+            return restored
+        return state
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable step folder so that it is never the latest again."""
+        if jax.process_index() == 0:
+            bad = self.directory / str(step)
+            if bad.exists():
+                bad.rename(self.directory / f"{step}.unreadable")
+        self._manager.reload()
 
     def load(self, step: int | None = None) -> Any:
         """The arrays of checkpoint `step` (default: latest) as saved, for inspection."""

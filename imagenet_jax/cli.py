@@ -5,10 +5,19 @@
       can be overridden, e.g. --config.model=resnet18 --config.num_epochs=30. Re-running
       on a workdir resumes from its latest checkpoint.
   imagenet-jax models [--json]
-      The registered models with their parameter counts and native resolutions.
+      The registered models: parameters (1000 classes), forward GMACs of one image at
+      the native resolution, native resolution. --json prints a JSON list instead.
+  imagenet-jax bench train [--mode=synthetic|pipeline] [--steps=20] [--warmup_steps=3]
+                           [--config=...] [--config.FIELD=VALUE ...] [--json]
+      Times the configured model's train step: compile time, step time (median, p10,
+      p90), images/s, TFLOP/s from XLA's cost analysis, a dense-matmul rate measured in
+      the same run and their ratio (MFU), peak memory. --mode=pipeline feeds the real
+      input pipeline instead of one synthetic batch. --json prints one JSON object.
 
-A bad config or flag prints one line saying what is wrong and what is valid, and
-exits with status 2 before anything runs.
+Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
+one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
+(config.on_nonfinite=stop), the last good checkpoint kept; 75 preempted (SIGTERM): a
+checkpoint was saved and the same command resumes.
 """
 
 from __future__ import annotations
@@ -39,7 +48,11 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
         "config go here; re-running on it resumes. Default: runs/<config file name>.")
-    flags.DEFINE_bool("json", False, "models: print JSON instead of a table.")
+    flags.DEFINE_bool("json", False, "models, bench: print JSON instead of a table.")
+    flags.DEFINE_string("mode", "synthetic", "bench train: 'synthetic' (one random batch, "
+                        "the step alone) or 'pipeline' (the configured input pipeline).")
+    flags.DEFINE_integer("steps", 20, "bench: timed steps; the step time is their median.")
+    flags.DEFINE_integer("warmup_steps", 3, "bench: untimed steps after compilation.")
 
 
 def _fail(message: str) -> None:
@@ -62,6 +75,7 @@ def train(argv: list[str]) -> None:
 
     from imagenet_jax import models
     from imagenet_jax.config import ConfigError, validate
+    from imagenet_jax.train import guards
     from imagenet_jax.train.loop import train_and_evaluate
 
     config = FLAGS.config
@@ -73,6 +87,12 @@ def train(argv: list[str]) -> None:
         result = train_and_evaluate(config, workdir)
     except ConfigError as e:
         _fail(f"config: {e}")
+    except guards.NonFiniteError as e:
+        print(f"imagenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(guards.EXIT_NONFINITE)
+    except guards.Preempted as e:
+        print(f"imagenet-jax: {e}", file=sys.stderr)
+        sys.exit(guards.EXIT_PREEMPTED)
     if jax.process_index() == 0 and result:
         print(f"Final validation at step {result['step']}: top-1 {result['top1']:.4f}, "
               f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
@@ -86,12 +106,34 @@ def list_models(argv: list[str]) -> None:
     if FLAGS.json:
         print(json.dumps(rows))
         return
-    print(f"{'name':<20} {'params':>14} {'resolution':>10}")
+    print(f"{'name':<20} {'params':>14} {'GMACs':>8} {'resolution':>10}")
     for row in rows:
-        print(f"{row['name']:<20} {row['params']:>14,} {row['resolution']:>10}")
+        print(f"{row['name']:<20} {row['params']:>14,} {row['gmacs']:>8.3f} "
+              f"{row['resolution']:>10}")
 
 
-COMMANDS = {"train": train, "models": list_models}
+BENCHMARKS = ("train",)
+
+
+def bench(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in BENCHMARKS:
+        _fail(f"bench takes one benchmark, got {argv[1:]}; valid benchmarks: "
+              f"{', '.join(BENCHMARKS)}")
+    import jax
+
+    from imagenet_jax.bench import bench_train, format_table
+    from imagenet_jax.config import ConfigError
+
+    try:
+        result = bench_train(FLAGS.config, mode=FLAGS.mode, warmup_steps=FLAGS.warmup_steps,
+                             steps=FLAGS.steps)
+    except ConfigError as e:
+        _fail(f"config: {e}")
+    if jax.process_index() == 0:
+        print(json.dumps(result) if FLAGS.json else format_table(result))
+
+
+COMMANDS = {"train": train, "models": list_models, "bench": bench}
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):

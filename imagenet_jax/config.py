@@ -14,8 +14,9 @@ import math
 import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("cosine", "step", "constant")
-OPTIMIZERS = ("sgd",)
+SCHEDULES = ("cosine", "step", "exponential", "constant")
+OPTIMIZERS = ("sgd", "rmsprop")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     """ResNet-50 on ImageNet, the Goyal et al. (2017) recipe with a cosine schedule."""
     c = ml_collections.ConfigDict()
     c.model = "resnet50"
+    c.model_options = ml_collections.ConfigDict()  # constructor options, e.g. aux_logits
     c.dataset = "demo"               # 'demo' or 'folder:/path' (see data/sources.py)
     c.image_size = 224               # train and eval resolution
     c.batch_size = 256               # global, over all devices and processes
@@ -33,15 +35,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 90.0
     c.seed = 0
 
-    c.optimizer = "sgd"
+    c.optimizer = "sgd"              # 'sgd' or 'rmsprop'
     c.learning_rate = 0.1            # per 256 examples: scaled by batch_size / 256
     c.momentum = 0.9
-    c.nesterov = True
+    c.nesterov = True                # sgd only
+    c.rmsprop_decay = 0.9            # rmsprop only: decay of the squared-gradient average
+    c.rmsprop_epsilon = 1.0          # rmsprop only: Inception-v3 uses 1.0
+    c.grad_clip_norm = 0.0           # clip the global gradient norm to this; 0 = off
     c.weight_decay = 1e-4            # on conv and dense kernels only, not BN or biases
     c.label_smoothing = 0.1
-    c.lr_schedule = "cosine"         # 'cosine', 'step' or 'constant', after linear warmup
+    c.lr_schedule = "cosine"         # 'cosine', 'step', 'exponential' or 'constant', after warmup
     c.warmup_epochs = 5.0
-    c.lr_decay_epochs = (30, 60, 80)  # 'step' only: multiply by lr_decay_factor at each
+    c.lr_decay_epochs = (30, 60, 80)  # 'step': multiply by lr_decay_factor at each epoch here
+    c.lr_decay_every_epochs = 2.0    # 'exponential': multiply by lr_decay_factor this often
     c.lr_decay_factor = 0.1
 
     c.crop_scale = (0.08, 1.0)       # random-resized-crop area fraction
@@ -57,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # A step with a non-finite loss or gradient norm never changes the state; then
+    # 'stop' ends the run (exit code 3) and 'skip' counts it and carries on.
+    c.on_nonfinite = "stop"
     c.prefetch_batches = 2           # global batches in flight to the devices
     return c
 
@@ -134,6 +143,9 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
           f"unknown lr_schedule {config.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
     check(config.optimizer in OPTIMIZERS,
           f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    check(config.on_nonfinite in ON_NONFINITE,
+          f"unknown on_nonfinite {config.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
+    check(config.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0, got {config.grad_clip_norm}")
     check(0 < config.crop_scale[0] <= config.crop_scale[1] <= 1,
           f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(config.crop_scale)}")
     check(0 < config.eval_crop_ratio <= 1,

@@ -7,6 +7,14 @@ from imagenet_jax.models import summary
 
 # torchvision's parameter counts at 1000 classes.
 TORCHVISION_PARAMS = {
+    "alexnet": 61_100_840,
+    "vgg11": 132_863_336,
+    "vgg11_bn": 132_868_840,
+    "vgg16": 138_357_544,
+    "vgg16_bn": 138_365_992,
+    "vgg19_bn": 143_678_248,
+    "googlenet": 6_624_904,           # without its auxiliary classifiers
+    "inception_v3": 27_161_264,       # with its auxiliary head
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
@@ -35,3 +43,34 @@ def test_forward_shape_and_dtype():
     assert logits.dtype == jnp.bfloat16
     kernel = model.stem[0].conv.kernel
     assert kernel.value.dtype == jnp.float32  # parameters stay float32
+
+
+# Published forward multiply-adds of one image at the native resolution (torchvision's docs).
+PUBLISHED_GMACS = {
+    "alexnet": 0.714, "vgg16": 15.47, "googlenet": 1.498, "inception_v3": 5.713,
+    "resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
+    "resnet152": 11.514,
+}
+
+
+@pytest.mark.parametrize("name,expected", sorted(PUBLISHED_GMACS.items()))
+def test_gmacs_from_the_xla_computation_match_published(name, expected):
+    assert summary.describe(name)["gmacs"] == pytest.approx(expected, rel=0.03)
+
+
+def test_stablehlo_macs_follow_calls_into_functions():
+    """A convolution inside a function called twice counts twice."""
+    import jax
+
+    kernel = jnp.ones((3, 3, 4, 8))
+
+    @jax.jit
+    def conv(x):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def twice(x):
+        return conv(x) + conv(x)
+
+    text = jax.jit(twice).lower(jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)).as_text()
+    assert summary.stablehlo_macs(text) == 2 * (8 * 8 * 8) * (3 * 3 * 4)

@@ -73,8 +73,9 @@ def test_learning_rate_warmup_then_cosine(tiny_dataset):
     assert derived.steps_per_epoch == 6 and derived.num_train_steps == 24
     assert derived.peak_learning_rate == pytest.approx(0.1 * 64 / 256)
     lr = optim.create_learning_rate_fn(config, derived)
-    assert float(lr(0)) == 0.0
-    assert float(lr(3)) == pytest.approx(derived.peak_learning_rate / 2)
+    peak = derived.peak_learning_rate
+    assert float(lr(0)) == pytest.approx(peak / 6)  # warmup starts above 0
+    assert float(lr(3)) == pytest.approx(peak / 6 + (peak - peak / 6) / 2)
     assert float(lr(6)) == pytest.approx(derived.peak_learning_rate)
     assert float(lr(24)) == pytest.approx(0.0, abs=1e-9)
     values = [float(lr(s)) for s in range(6, 25)]

@@ -25,27 +25,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagenet_jax.models import resnet
+from imagenet_jax.models import alexnet, googlenet, inception, resnet, vgg
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     factory: Callable[..., nnx.Module]
-    resolution: int  # The native input size the architecture was designed for.
+    resolution: int      # the input size the architecture was designed for
+    min_resolution: int  # the smallest input whose last feature map is at least 1x1
 
 
 _REGISTRY: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(resnet.ResNet18, 224),
-    "resnet34": ModelSpec(resnet.ResNet34, 224),
-    "resnet50": ModelSpec(resnet.ResNet50, 224),
-    "resnet101": ModelSpec(resnet.ResNet101, 224),
-    "resnet152": ModelSpec(resnet.ResNet152, 224),
-    "resnet200": ModelSpec(resnet.ResNet200, 224),
-    "wide_resnet50_2": ModelSpec(resnet.WideResNet50_2, 224),
-    "wide_resnet101_2": ModelSpec(resnet.WideResNet101_2, 224),
-    "resnext50_32x4d": ModelSpec(resnet.ResNeXt50_32x4d, 224),
-    "resnext101_32x8d": ModelSpec(resnet.ResNeXt101_32x8d, 224),
-    "resnet_tiny": ModelSpec(resnet.ResNetTiny, 32),
+    "alexnet": ModelSpec(alexnet.AlexNet, 224, 63),
+    "alexnet_original": ModelSpec(alexnet.AlexNetOriginal, 224, 63),
+    "vgg11": ModelSpec(vgg.VGG11, 224, 32),
+    "vgg11_bn": ModelSpec(vgg.VGG11_BN, 224, 32),
+    "vgg13": ModelSpec(vgg.VGG13, 224, 32),
+    "vgg13_bn": ModelSpec(vgg.VGG13_BN, 224, 32),
+    "vgg16": ModelSpec(vgg.VGG16, 224, 32),
+    "vgg16_bn": ModelSpec(vgg.VGG16_BN, 224, 32),
+    "vgg19": ModelSpec(vgg.VGG19, 224, 32),
+    "vgg19_bn": ModelSpec(vgg.VGG19_BN, 224, 32),
+    "googlenet": ModelSpec(googlenet.GoogLeNet, 224, 15),
+    # 75 px in eval or without the aux head; training with it needs 299 (as torchvision).
+    "inception_v3": ModelSpec(inception.InceptionV3, 299, 75),
+    "resnet18": ModelSpec(resnet.ResNet18, 224, 32),
+    "resnet34": ModelSpec(resnet.ResNet34, 224, 32),
+    "resnet50": ModelSpec(resnet.ResNet50, 224, 32),
+    "resnet101": ModelSpec(resnet.ResNet101, 224, 32),
+    "resnet152": ModelSpec(resnet.ResNet152, 224, 32),
+    "resnet200": ModelSpec(resnet.ResNet200, 224, 32),
+    "wide_resnet50_2": ModelSpec(resnet.WideResNet50_2, 224, 32),
+    "wide_resnet101_2": ModelSpec(resnet.WideResNet101_2, 224, 32),
+    "resnext50_32x4d": ModelSpec(resnet.ResNeXt50_32x4d, 224, 32),
+    "resnext101_32x8d": ModelSpec(resnet.ResNeXt101_32x8d, 224, 32),
+    "resnet_tiny": ModelSpec(resnet.ResNetTiny, 32, 8),
 }
 
 

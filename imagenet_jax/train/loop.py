@@ -27,6 +27,7 @@ from imagenet_jax.config import ConfigError, Derived, derive, validate
 from imagenet_jax.data import pipeline, sources
 from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
+from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
 from imagenet_jax.train.state import TrainState, create_train_state
 from imagenet_jax.train.steps import jit_eval_step, jit_train_step
@@ -35,12 +36,12 @@ from imagenet_jax.train.steps import jit_eval_step, jit_train_step
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains `config` in `workdir` to the end and returns the final validation metrics."""
     workdir = Path(workdir)
+    check_writable(workdir)
     source, derived = plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
                  derived.num_processes, derived)
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
         save_config(workdir, config, derived)
 
     run = build(config, derived, mesh)
@@ -65,35 +66,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                start_step=start_step, crop_scale=tuple(config.crop_scale),
                                crop_ratio=tuple(config.crop_aspect_ratio)).as_numpy_iterator(),
         config.prefetch_batches, functools.partial(make_global_batch, mesh=mesh))
+    try:
+        val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
+                                  start_step, checkpointer, logger, evaluate)
+    finally:
+        checkpointer.close()
+        logger.close()
+    return {"step": derived.num_train_steps, "split": "val", **val_metrics}
+
+
+def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
+                logger, evaluate) -> dict:
+    """Steps from `start_step` to the end, with logs, evals, checkpoints and early stops.
+
+    The host only waits on the device at sync points: a log, an eval, a checkpoint.
+    Before every checkpoint the steps since the last sync are checked for non-finite
+    numbers, so a saved state is always one the run would have kept.
+    """
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=derived.num_train_steps, writer=logger.writer)
-
+    buffer = TrainMetricsBuffer(config.on_nonfinite, checkpointer.latest_step)
+    preemption = PreemptionWatcher()
     val_metrics: dict = {}
-    pending_metrics = []  # on the device until the next log: the loop never waits on a step
     last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in range(start_step + 1, derived.num_train_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = run.train_step(state, next(train_batches))
-        pending_metrics.append(metrics)
-        report_progress(step)
-        is_last = step == derived.num_train_steps
-        if step % config.log_every_steps == 0 or is_last:
-            train_metrics = merge_metrics(jax.device_get(pending_metrics))
-            pending_metrics = []
-            now = time.perf_counter()
-            images = (step - last_log_step) * config.batch_size
-            train_metrics["images_per_sec"] = images / (now - last_log_time)
-            last_log_time, last_log_step = now, step
-            logger.log(step, "train", train_metrics)
-        if step % derived.eval_every_steps == 0 or is_last:
-            val_metrics = evaluate(state)
-            logger.log(step, "val", val_metrics)
-            last_log_time = time.perf_counter()  # keep eval time out of images/s
-        checkpointer.save(step, state, force=is_last)
-    checkpointer.wait()
-    checkpointer.close()
-    logger.close()
-    return {"step": derived.num_train_steps, "split": "val", **val_metrics}
+    try:
+        for step in range(start_step + 1, derived.num_train_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = train_step(state, next(train_batches))
+            buffer.add(step, metrics)
+            report_progress(step)
+            is_last = step == derived.num_train_steps
+            if step % config.log_every_steps == 0 or is_last:
+                train_metrics = buffer.drain()
+                now = time.perf_counter()
+                images = (step - last_log_step) * config.batch_size
+                train_metrics["images_per_sec"] = images / (now - last_log_time)
+                last_log_time, last_log_step = now, step
+                logger.log(step, "train", train_metrics)
+            if step % derived.eval_every_steps == 0 or is_last:
+                val_metrics = evaluate(state)
+                logger.log(step, "val", val_metrics)
+                last_log_time = time.perf_counter()  # keep eval time out of images/s
+            preempted = preemption.reached(step)
+            if is_last or preempted or checkpointer.should_save(step):
+                buffer.check()
+                checkpointer.save(step, state, force=True)
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(step)
+        checkpointer.wait()
+    finally:
+        preemption.close()
+    return val_metrics
 
 
 def plan(config: ml_collections.ConfigDict) -> tuple[sources.FolderSource, Derived]:
@@ -133,7 +157,7 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
 
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
         return models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
-                             rngs=rngs)
+                             rngs=rngs, **config.model_options)
 
     graphdef, state = create_train_state(model_fn, tx, mesh, config.seed)
     train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
@@ -161,9 +185,15 @@ def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.Con
     return result
 
 
-def merge_metrics(collections: list) -> dict:
-    merged = functools.reduce(lambda a, b: a.merge(b), collections)
-    return {k: float(v) for k, v in merged.compute().items()}
+def check_writable(workdir: Path) -> None:
+    """Fails at start, not at the first save, when the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test.{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def save_config(workdir: Path, config: ml_collections.ConfigDict, derived: Derived) -> None:

@@ -10,7 +10,10 @@ from imagenet_jax.config import Derived
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, derived: Derived) -> optax.Schedule:
-    """Linear warmup from 0 to the batch-scaled peak, then cosine, step or constant."""
+    """Linear warmup to the batch-scaled peak, then cosine, step, exponential or constant.
+
+    Warmup starts at peak / warmup_steps, not 0, so that the first step is not wasted.
+    """
     peak = derived.peak_learning_rate
     warmup = derived.warmup_steps
     decay_steps = max(1, derived.num_train_steps - warmup)
@@ -22,11 +25,16 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, derived: Derived)
             for epoch in config.lr_decay_epochs
         }
         after = optax.piecewise_constant_schedule(peak, boundaries)
+    elif config.lr_schedule == "exponential":
+        after = optax.exponential_decay(
+            peak, transition_steps=round(config.lr_decay_every_epochs * derived.steps_per_epoch),
+            decay_rate=config.lr_decay_factor, staircase=True)
     else:
         after = optax.constant_schedule(peak)
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    warmup_fn = optax.linear_schedule(peak / warmup, peak, warmup)
+    return optax.join_schedules([warmup_fn, after], [warmup])
 
 
 def kernel_mask(params) -> object:
@@ -37,9 +45,20 @@ def kernel_mask(params) -> object:
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum; L2 decay of the kernels added to the gradient
-    before momentum, as PyTorch's SGD and the reference ResNet recipes do."""
+    """SGD with (Nesterov) momentum or RMSProp, after optional global-norm clipping.
+
+    L2 decay of the kernels is added to the gradient before the optimizer's own
+    statistics, as PyTorch's optimizers and the reference recipes do.
+    """
+    if config.optimizer == "sgd":
+        update = optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
+    else:  # TensorFlow's RMSProp (squares start at 1, epsilon inside the root), as Inception-v3.
+        update = optax.rmsprop(learning_rate_fn, decay=config.rmsprop_decay,
+                               eps=config.rmsprop_epsilon, initial_scale=1.0,
+                               momentum=config.momentum)
+    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
     return optax.chain(
+        *clip,
         optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-        optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov),
+        update,
     )

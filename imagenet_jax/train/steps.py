@@ -25,11 +25,32 @@ STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @flax.struct.dataclass
+class Sum(clu_metrics.Metric):
+    """The sum of the values over steps (CLU has averages, not sums)."""
+
+    total: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, values: jnp.ndarray, **_) -> "Sum":
+        return cls(total=jnp.sum(values))
+
+    def merge(self, other: "Sum") -> "Sum":
+        return type(self)(total=self.total + other.total)
+
+    def compute(self) -> jnp.ndarray:
+        return self.total
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
+    """Averages over the steps' examples; a skipped (non-finite) step counts in none."""
+
     loss: clu_metrics.Average.from_output("loss")
     top1: clu_metrics.Average.from_output("top1")
     top5: clu_metrics.Average.from_output("top5")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+    nonfinite_steps: Sum.from_output("nonfinite_steps")
 
 
 @flax.struct.dataclass
@@ -69,12 +90,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     labels = batch["label"]
 
     # A key per step, not a carried stream: resuming at step s redraws the same dropout masks.
-    dropout_rngs = nnx.Rngs(dropout=jax.random.fold_in(state.rng, state.step))
+    dropout_key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.model_state)
         model.train()
-        outputs = model(images, rngs=dropout_rngs)
+        outputs = model(images, rngs=nnx.Rngs(dropout=dropout_key))
         # Models with auxiliary heads return (logits, aux_logits) in training; the aux
         # losses enter the objective with the model's weights, never the metrics.
         logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, ())
@@ -86,17 +107,32 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         return objective, (loss, logits, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (loss, logits, model_state)), grads = grad_fn(state.params)
+    (objective, (loss, logits, model_state)), grads = grad_fn(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = TrainMetrics.single_from_model_output(
-        loss=loss,
-        top1=topk_correct(logits, labels, 1),
-        top5=topk_correct(logits, labels, 5),
-        learning_rate=learning_rate_fn(state.step),
+    # A non-finite step leaves the state as it was: NaNs never reach a checkpoint. The
+    # loop then stops the run or counts the skip (config.on_nonfinite).
+    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    # A skipped step counts in no average; the learning rate and the skip count are the
+    # step's own, outside the mask.
+    average = functools.partial(clu_metrics.Average.from_model_output,
+                                mask=jnp.broadcast_to(finite, labels.shape))
+    metrics = TrainMetrics.empty().replace(
+        loss=average(loss),
+        top1=average(topk_correct(logits, labels, 1)),
+        top5=average(topk_correct(logits, labels, 5)),
+        grad_norm=average(jnp.broadcast_to(grad_norm, labels.shape)),
+        learning_rate=clu_metrics.LastValue.from_model_output(learning_rate_fn(state.step)),
+        nonfinite_steps=Sum.from_model_output((~finite).astype(jnp.int32)),
     )
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_finite(params, state.params),
+        model_state=keep_finite(model_state, state.model_state),
+        opt_state=keep_finite(opt_state, state.opt_state),
+    )
     return new_state, metrics
 
 

@@ -1,0 +1,33 @@
+"""Wide ResNet-50-2 on ImageNet-1k: the Goyal et al. (2017) recipe with a cosine schedule.
+
+Recipe:    SGD, Nesterov momentum 0.9, lr 0.1 per 256 images scaled linearly with the
+           batch, 5 warmup epochs then cosine to 0, 90 epochs, weight decay 1e-4 on
+           kernels only, label smoothing 0.1, random-resized crop 224 + flip, eval
+           centre crop 224 of 256. Sources: He et al. 2015, "Deep Residual Learning";
+           Goyal et al. 2017, "Accurate, Large Minibatch SGD"; the Flax ImageNet example.
+           For the original step schedule: --config.lr_schedule=step (x0.1 at 30, 60, 80).
+Command:   imagenet-jax train --config=configs/wide_resnet50_2.py --workdir=runs/wide_resnet50_2 \
+               --config.dataset=folder:/path/to/imagenet
+Hardware:  one accelerator host (8 GPUs or a TPU v3-8 or larger); the global batch
+           stays 1024 whatever the device count divides it.
+Expected:  top-1 about 0.785 (torchvision's reference weights; not yet measured with
+           imagenet_jax).
+"""
+
+from imagenet_jax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model = "wide_resnet50_2"
+    config.dataset = "folder:~/data/imagenet"
+    config.batch_size = 1024
+    config.eval_batch_size = 1000
+    config.num_epochs = 90.0
+    config.learning_rate = 0.1
+    config.warmup_epochs = 5.0
+    config.weight_decay = 1e-4
+    config.label_smoothing = 0.1
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2000
+    return config
