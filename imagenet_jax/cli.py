@@ -49,6 +49,10 @@ def _define_flags() -> None:
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
         "config go here; re-running on it resumes. Default: runs/<config file name>.")
     flags.DEFINE_bool("json", False, "models, bench: print JSON instead of a table.")
+    flags.DEFINE_string(
+        "compilation_cache_dir", None, "Persistent XLA compilation cache: a restarted or "
+        "repeated run loads its compiled steps instead of compiling them again. Default: "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/imagenet_jax/xla; '' turns it off.")
     flags.DEFINE_string("mode", "synthetic", "bench train: 'synthetic' (one random batch, "
                         "the step alone) or 'pipeline' (the configured input pipeline).")
     flags.DEFINE_integer("steps", 20, "bench: timed steps; the step time is their median.")
@@ -68,10 +72,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return []
 
 
+def _use_compilation_cache() -> None:
+    import jax
+
+    directory = FLAGS.compilation_cache_dir
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+            Path.home() / ".cache" / "imagenet_jax" / "xla")
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def train(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.FIELD=VALUE")
     import jax
+
+    _use_compilation_cache()
 
     from imagenet_jax import models
     from imagenet_jax.config import ConfigError, validate
@@ -121,6 +138,7 @@ def bench(argv: list[str]) -> None:
               f"{', '.join(BENCHMARKS)}")
     import jax
 
+    _use_compilation_cache()
     from imagenet_jax.bench import bench_train, format_table
     from imagenet_jax.config import ConfigError
 

@@ -1,6 +1,9 @@
 """Test set-up: 8 fake CPU devices, quiet TensorFlow, and a tiny demo dataset."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before jax is imported anywhere: the suite runs on 8 fake CPU devices, so every
 # test can build a 1-device mesh and an 8-device mesh side by side.
@@ -8,6 +11,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the whole session, its subprocesses included: the CLI runs
+# of the same tiny config load the compiled steps instead of compiling them again.
+_XLA_CACHE = tempfile.mkdtemp(prefix="imagenet_jax_tests_xla_cache.")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from pathlib import Path  # noqa: E402
 

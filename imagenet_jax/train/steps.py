@@ -31,6 +31,10 @@ class Sum(clu_metrics.Metric):
     total: jnp.ndarray
 
     @classmethod
+    def empty(cls) -> "Sum":
+        return cls(total=jnp.array(0, jnp.int32))
+
+    @classmethod
     def from_model_output(cls, values: jnp.ndarray, **_) -> "Sum":
         return cls(total=jnp.sum(values))
 
