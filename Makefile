@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow chaos lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# SIGKILL the demo recipe at random moments, restart it, compare with an uninterrupted run.
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos.py --kills=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check imagenet_jax tests configs

@@ -30,7 +30,8 @@ class Checkpointer:
             # Wait for the previous async save rather than skip an interval step.
             enable_should_save_is_saving_in_progress_check=False,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -73,9 +74,14 @@ class Checkpointer:
         self._manager.reload()
 
     def load(self, step: int | None = None) -> Any:
-        """The arrays of checkpoint `step` (default: latest) as saved, for inspection."""
+        """The arrays of checkpoint `step` (default: latest) on this process's first device,
+        whatever topology wrote them: for inspection and comparison."""
         step = self.latest_step() if step is None else step
-        return self._manager.restore(step, args=ocp.args.StandardRestore())
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+            self._manager.item_metadata(step))
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

@@ -17,7 +17,11 @@
 Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
 one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
 (config.on_nonfinite=stop), the last good checkpoint kept; 75 preempted (SIGTERM): a
-checkpoint was saved and the same command resumes.
+checkpoint was saved and the same command resumes; 4 could not join a multi-process job.
+
+Multi-process: one process per host, joined with --coordinator_address, --num_processes
+and --process_id (launch/local.sh does this on one machine), or automatically on a
+detected cluster.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 EXIT_BAD_CONFIG = 2
+EXIT_NO_JOB = 4  # could not join the multi-process job
 
 FLAGS = flags.FLAGS
 
@@ -49,6 +54,16 @@ def _define_flags() -> None:
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
         "config go here; re-running on it resumes. Default: runs/<config file name>.")
     flags.DEFINE_bool("json", False, "models, bench: print JSON instead of a table.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-process: host:port of process 0 (needs --num_processes and "
+                        "--process_id). Without it, a detected cluster (Cloud TPU pod, "
+                        "SLURM, Open MPI) is joined automatically, else the run is alone.")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's id, 0-based.")
+    flags.DEFINE_integer("distributed_timeout_s", 300,
+                         "Multi-process: give up joining the job after this long.")
+    flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                         "Multi-process: a peer silent this long ends the job (no hang).")
     flags.DEFINE_string(
         "compilation_cache_dir", None, "Persistent XLA compilation cache: a restarted or "
         "repeated run loads its compiled steps instead of compiling them again. Default: "
@@ -83,9 +98,25 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", directory)
 
 
+def _join_job() -> None:
+    """jax.distributed set-up from the flags; before anything touches a device."""
+    from imagenet_jax.parallel import distributed
+
+    spec = distributed.JobSpec(
+        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id, initialization_timeout_s=FLAGS.distributed_timeout_s,
+        heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+    try:
+        distributed.initialize(spec)
+    except distributed.DistributedError as e:
+        print(f"imagenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NO_JOB)
+
+
 def train(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.FIELD=VALUE")
+    _join_job()
     import jax
 
     _use_compilation_cache()
@@ -136,6 +167,7 @@ def bench(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         _fail(f"bench takes one benchmark, got {argv[1:]}; valid benchmarks: "
               f"{', '.join(BENCHMARKS)}")
+    _join_job()
     import jax
 
     _use_compilation_cache()

@@ -1,0 +1,82 @@
+"""Several processes on 127.0.0.1: the same training as one process, and no hang on a dead peer."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from chaos import final_params
+
+from imagenet_jax.metrics import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flags(dataset, workdir, *extra):
+    return ["train", "--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset}",
+            "--config.num_epochs=0.5", "--config.log_every_steps=3", f"--workdir={workdir}",
+            *extra]
+
+
+def _env(devices):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_dataset, tmp_path):
+    two, one = tmp_path / "two_processes", tmp_path / "one_process"
+    launched = subprocess.run([str(REPO / "launch" / "local.sh"), "2",
+                               *_flags(tiny_dataset, two)], cwd=REPO, env=_env(2),
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "[1] " in launched.stderr  # both processes ran, their output prefixed
+    alone = subprocess.run([sys.executable, "-m", "imagenet_jax", *_flags(tiny_dataset, one)],
+                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    records = [read_records(w / "metrics.jsonl") for w in (two, one)]
+    assert [(r["step"], r["split"]) for r in records[0]] == [
+        (r["step"], r["split"]) for r in records[1]]
+    for a, b in zip(*records, strict=True):
+        if a["split"] == "train":
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        else:
+            assert a["num_examples"] == b["num_examples"] == 70
+            assert a["top1"] == b["top1"]
+    params = [final_params(w)["params"] for w in (two, one)]
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dead_peer_ends_the_others_within_the_heartbeat(tiny_dataset, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "run"
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "imagenet_jax",
+                          *_flags(tiny_dataset, workdir, "--config.num_epochs=200"),
+                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={i}", "--heartbeat_timeout_s=5"],
+                         cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes[0].poll() is None, "the job ended before the peer could be killed"
+        processes[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = processes[0].wait(timeout=60)  # heartbeat 5 s: far inside this bound
+        assert code != 0
+        assert time.monotonic() - killed_at < 60
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()

@@ -1,0 +1,100 @@
+"""bfloat16 computation: the state stays float32, the arithmetic is bfloat16, the losses agree.
+
+One tiny config is trained for three steps twice, `dtype="float32"` and `dtype="bfloat16"`,
+from the same seed on the same three batches. The first step starts from identical float32
+parameters, so its loss differs only by the precision of the arithmetic.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from imagenet_jax.data import pipeline
+from imagenet_jax.parallel import make_global_batch, mesh_from_shape
+from imagenet_jax.train import loop
+
+NUM_STEPS = 3
+# bfloat16 keeps 8 significant bits (7 stored), so one rounding moves a value by up to
+# 2**-8 ~ 0.4% relative: two to three significant decimal digits. Every layer rounds its
+# output once, and the errors of the ~10 layers of ResNet-tiny partly cancel in the
+# float32 mean over 32 examples: when this test was written the losses differed by
+# 3e-4 to 1.5e-3 relative over the three steps. 2e-2 is five bfloat16 rounding steps:
+# room for the runs to drift apart over three different updates, yet a bfloat16 overflow,
+# an underflowing BatchNorm variance or statistics accumulated in bfloat16 fail it.
+LOSS_RTOL = 2e-2
+# float32 alone (another summation order, another device count) moves these losses by
+# ~1e-7 relative; a run that is really bfloat16 moves at least one step past this.
+FLOAT32_NOISE_RTOL = 1e-5
+
+
+def _config(dataset_root, dtype):
+    config = tiny_config(dataset_root, dtype=dtype, image_size=16, batch_size=32)
+    config.mesh.data = 1  # one device: the precision is under test, not the sharding
+    return config
+
+
+def _first_batches(config, num_batches):
+    source, _ = loop.plan(config)
+    batches = pipeline.train_dataset(
+        source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
+        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+    return [next(batches) for _ in range(num_batches)]
+
+
+def _train(config, batches):
+    """(per-step losses, final state on the host, the step's StableHLO text)."""
+    _, derived = loop.plan(config)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = loop.build(config, derived, mesh)
+    global_batches = [make_global_batch(batch, mesh) for batch in batches]
+    hlo = run.train_step.lower(run.state, global_batches[0]).as_text()
+    state, losses = run.state, []
+    for batch in global_batches:
+        state, metrics = run.train_step(state, batch)
+        losses.append(float(metrics.loss.compute()))
+    return np.asarray(losses), jax.device_get(state), hlo
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset):
+    """Both dtypes, trained on the same batches: {dtype: (losses, state, hlo)}."""
+    batches = _first_batches(_config(tiny_dataset, "float32"), NUM_STEPS)
+    return {dtype: _train(_config(tiny_dataset, dtype), batches)
+            for dtype in ("float32", "bfloat16")}
+
+
+def _floating_dtypes(tree):
+    leaves = jax.tree.leaves(tree)
+    return {leaf.dtype for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)}
+
+
+def _convolution_result_types(hlo):
+    """The element type of every convolution's result in StableHLO text, e.g. ['bf16', ...]."""
+    return re.findall(r"stablehlo\.convolution.*-> tensor<[0-9x]+x(\w+)>", hlo)
+
+
+def test_bfloat16_keeps_parameters_optimizer_and_batchnorm_state_in_float32(runs):
+    _, state, _ = runs["bfloat16"]
+    assert _floating_dtypes(state.params) == {jnp.dtype(jnp.float32)}
+    assert _floating_dtypes(state.opt_state) == {jnp.dtype(jnp.float32)}  # momentum
+    assert _floating_dtypes(state.model_state) == {jnp.dtype(jnp.float32)}  # BN mean/var
+
+
+def test_bfloat16_step_computes_in_bfloat16(runs):
+    bf16_convolutions = _convolution_result_types(runs["bfloat16"][2])
+    f32_convolutions = _convolution_result_types(runs["float32"][2])
+    # Forward and backward convolutions: every one in the dtype of the run.
+    assert bf16_convolutions and set(bf16_convolutions) == {"bf16"}
+    assert f32_convolutions and set(f32_convolutions) == {"f32"}
+    relative = np.abs(runs["bfloat16"][0] - runs["float32"][0]) / np.abs(runs["float32"][0])
+    assert relative.max() > FLOAT32_NOISE_RTOL, relative
+
+
+def test_bfloat16_losses_agree_with_float32_at_every_step(runs):
+    f32_losses, bf16_losses = runs["float32"][0], runs["bfloat16"][0]
+    assert np.all(np.isfinite(bf16_losses)), bf16_losses
+    np.testing.assert_allclose(bf16_losses, f32_losses, rtol=LOSS_RTOL)
