@@ -15,8 +15,10 @@ from imagenet_jax.train import loop
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 # Compiling a train step of these takes 20-70 s each on 2 CPU cores; the same code runs in
-# the default suite through resnet18 (BasicBlock) and resnet50 (Bottleneck, groups=1).
-SLOW_CONFIGS = {"resnet34", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"}
+# the default suite through resnet18 (BasicBlock) and resnet50 (Bottleneck, groups=1), and
+# inception_v3's graph is built and lowered there by test_models (parameters, GMACs).
+SLOW_CONFIGS = {"resnet34", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
+                "inception_v3"}
 CONFIG_PARAMS = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_CONFIGS
                               else []) for p in CONFIGS]
 

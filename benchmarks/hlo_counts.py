@@ -1,0 +1,126 @@
+"""Op counts of the compiled ResNet-50 train step on the CPU backend, 1 and 8 devices."""
+import atexit
+import collections
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=8")
+import jax
+import numpy as np  # noqa: E402
+
+from imagenet_jax.config import base_config  # noqa: E402
+from imagenet_jax.parallel import make_global_batch, mesh_from_shape  # noqa: E402
+from imagenet_jax.train import loop  # noqa: E402
+
+STUB = Path(tempfile.mkdtemp())  # 1000 empty class folders: plan() reads only the class count
+atexit.register(shutil.rmtree, STUB)
+for split in ("train", "val"):
+    for c in range(1000):
+        (STUB / split / f"c{c:04d}").mkdir(parents=True)
+        (STUB / split / f"c{c:04d}" / "x.JPEG").touch()
+
+
+def compiled(batch_size, mesh_data):
+    config = base_config()
+    config.update(model="resnet50", dataset=f"folder:{STUB}", image_size=64, dtype="float32",
+                  batch_size=batch_size, eval_batch_size=batch_size)
+    config.mesh.data = mesh_data
+    _, derived = loop.plan(config)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = loop.build(config, derived, mesh)
+    rng = np.random.default_rng(0)
+    batch = make_global_batch({"image": rng.integers(0, 256, (batch_size, 64, 64, 3), np.uint8),
+                               "label": rng.integers(0, 1000, (batch_size,), np.int32)}, mesh)
+    params = jax.tree.leaves(run.state.params)
+    return (run.train_step.lower(run.state, batch).compile().as_text(),
+            sum(p.size * p.dtype.itemsize for p in params))
+
+
+INSTR = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+|\(.*?\)) ([a-z][\w\-]*)\((.*)$")
+ARRAY = re.compile(r"(f32|s32|u32|pred)\[([0-9,]*)\]")
+
+
+def nbytes(shape):
+    return sum((1 if t == "pred" else 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for t, dims in ARRAY.findall(shape))
+
+
+def physical_order(shape):
+    """Dimensions from major to minor, size-1 ones left out; None for shapes without a layout."""
+    m = re.match(r"\w+\[([0-9,]*)\]\{([0-9,]*)", shape)
+    if not m:
+        return None
+    sizes = [int(d) for d in m.group(1).split(",") if d]
+    return [d for d in reversed([int(x) for x in m.group(2).split(",") if x]) if sizes[d] != 1]
+
+
+def parse(text):
+    """{computation: [(name, shape, opcode, rest of line)]}; the entry one is 'ENTRY'."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith("{"):
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            comps[current] = []
+        elif (m := INSTR.match(line)) and current:
+            comps[current].append(m.groups())
+    return comps
+
+
+def summary(text, param_bytes):
+    comps = parse(text)
+    entry = comps["ENTRY"]
+    calls = lambda rest: re.search(r"calls=%([\w.\-]+)", rest).group(1)  # noqa: E731
+    fusions = [(n, s, rest, comps[calls(rest)]) for n, s, op, rest in entry if op == "fusion"]
+    kinds = collections.Counter(re.search(r'kind=(k\w+)', r).group(1) +
+                                ("/" + k.group(1) if (k := re.search(r'"kind":"(\w+)"', r)) else "")
+                                for _, _, r, _ in fusions)
+    print(f"parameter bytes {param_bytes:,}; fusion instructions {len(fusions)} {dict(kinds)}")
+    print("entry opcodes:", dict(collections.Counter(op for _, _, op, _ in entry).most_common()))
+    transposes = collections.Counter()
+    for _, _, _, body in fusions:
+        for _, shape, op, rest in body:
+            if op == "transpose":
+                what = "kernel" if re.match(r"f32\[[137],[137],", shape) else "activation"
+                origin = "from jax" if 'op_name="' in rest else "compiler-inserted"
+                transposes[(what, origin)] += 1
+    print("transposes (entry, fused):",
+          sum(op == "transpose" for _, _, op, _ in entry), dict(transposes))
+    moving = []  # fused copies whose physical dimension order differs from their operand's
+    for name, body in comps.items():
+        shapes = {n: shape for n, shape, _, _ in body}
+        for _, shape, op, rest in body:
+            source = shapes.get(rest.split(")")[0].lstrip("%"))
+            if name != "ENTRY" and op == "copy" and source and \
+                    physical_order(shape) != physical_order(source):
+                moving.append(nbytes(shape))
+    print(f"fused copies that move data (the physical transposes): {len(moving)}, "
+          f"{sum(moving) / 2**20:.1f} MiB")
+    convs = [r for c in comps.values() for _, _, op, r in c if op == "convolution"]
+    print("convolutions:", len(convs), dict(collections.Counter(
+        re.search(r"dim_labels=([^, ]+)", r).group(1) for r in convs)))
+    ops_of = lambda body: {op for _, _, op, _ in body}  # noqa: E731
+    names_of = lambda body: " ".join(r for *_, r in body)  # noqa: E731
+    bn_relu = collections.Counter(
+        "transpose" in ops_of(b) for *_, b in fusions
+        if {"subtract", "multiply", "add", "maximum"} <= ops_of(b) and "relu" in names_of(b)
+        and "transpose(" not in names_of(b))
+    print("BN: rsqrt fusions", sum("rsqrt" in ops_of(b) for *_, b in fusions),
+          "outputs", {s.split("{")[0][:9] for _, s, _, b in fusions if "rsqrt" in ops_of(b)},
+          "; normalise+scale+bias+ReLU fusions:", bn_relu[False],
+          "plus", bn_relu[True], "recomputing it inside a transpose")
+    inputs = {n for n, _, op, _ in entry if op == "parameter"}
+    copies = [(s, r) for _, s, op, r in entry
+              if op == "copy" and r.split(")")[0].lstrip("%") in inputs]
+    print(f"copies of state inputs: {len(copies)}, {sum(nbytes(s) for s, _ in copies):,} bytes")
+    all_reduces = sorted((nbytes(s) for _, s, op, _ in entry if op == "all-reduce"), reverse=True)
+    print(f"all-reduce: {len(all_reduces)} ops, {sum(all_reduces):,} bytes "
+          f"({sum(all_reduces) / param_bytes:.4f} x parameter bytes); largest {all_reduces[:3]}; "
+          "all-gather:", [s for _, s, op, _ in entry if op == "all-gather"])
+
+
+summary(*compiled(batch_size=8, mesh_data=1))
+summary(*compiled(batch_size=16, mesh_data=-1))
