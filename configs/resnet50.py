@@ -9,7 +9,7 @@ Recipe:    SGD, Nesterov momentum 0.9, lr 0.1 per 256 images scaled linearly wit
 Command:   imagenet-jax train --config=configs/resnet50.py --workdir=runs/resnet50 \
                --config.dataset=folder:/path/to/imagenet
 Hardware:  one accelerator host (8 GPUs or a TPU v3-8 or larger); the global batch
-           stays 1024 whatever the device count divides it.
+           is 1024 on any number of devices that divides it.
 Expected:  top-1 about 0.761 (torchvision's reference weights; the Flax example reports
            0.765). Not yet measured with imagenet_jax.
 """
