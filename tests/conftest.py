@@ -25,6 +25,16 @@ import tiny_config as tiny  # noqa: E402
 
 from imagenet_jax.data import demo  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int) -> dict:
+    """The environment of a CLI subprocess: `devices` fake CPU devices, quiet TensorFlow,
+    and (inherited) this session's compilation cache."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
 # 10 classes x 40 train and x 7 val images: 70 val examples, not a multiple of any
 # batch the tests use, so the last eval batch is always ragged.
 TINY_SPLITS = {"train": 40, "val": 7}

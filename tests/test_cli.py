@@ -1,20 +1,16 @@
 """The command line: bad configs fail fast with one clear line and exit code 2."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, subprocess_env
 
 
 def run_cli(*args, timeout=120, devices=8):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run([sys.executable, "-m", "imagenet_jax", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "imagenet_jax", *args], cwd=REPO,
+                          env=subprocess_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("override,message", [

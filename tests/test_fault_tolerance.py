@@ -1,7 +1,6 @@
 """Runs survive SIGKILL, SIGTERM, bad numbers, unreadable checkpoints and topology changes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from chaos import REPO, chaos, checkpoint_steps, command, final_params, run_to_end
-from conftest import tiny_config
+from conftest import subprocess_env, tiny_config
 
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.metrics import read_records
@@ -28,8 +27,7 @@ def _flags(dataset, *extra):
 
 
 def _env():
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return subprocess_env(4)
 
 
 @pytest.fixture(scope="module")

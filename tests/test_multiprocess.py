@@ -1,20 +1,17 @@
 """Several processes on 127.0.0.1: the same training as one process, and no hang on a dead peer."""
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from chaos import final_params
+from conftest import REPO, subprocess_env
 
 from imagenet_jax.metrics import read_records
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _flags(dataset, workdir, *extra):
@@ -23,20 +20,16 @@ def _flags(dataset, workdir, *extra):
             *extra]
 
 
-def _env(devices):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_dataset, tmp_path):
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
     launched = subprocess.run([str(REPO / "launch" / "local.sh"), "2",
-                               *_flags(tiny_dataset, two)], cwd=REPO, env=_env(2),
+                               *_flags(tiny_dataset, two)], cwd=REPO, env=subprocess_env(2),
                               capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "[1] " in launched.stderr  # both processes ran, their output prefixed
     alone = subprocess.run([sys.executable, "-m", "imagenet_jax", *_flags(tiny_dataset, one)],
-                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=300)
+                           cwd=REPO, env=subprocess_env(4), capture_output=True, text=True,
+                           timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
 
     records = [read_records(w / "metrics.jsonl") for w in (two, one)]
@@ -63,7 +56,7 @@ def test_a_dead_peer_ends_the_others_within_the_heartbeat(tiny_dataset, tmp_path
                           *_flags(tiny_dataset, workdir, "--config.num_epochs=200"),
                           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                           f"--process_id={i}", "--heartbeat_timeout_s=5"],
-                         cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL,
+                         cwd=REPO, env=subprocess_env(2), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
         for i in range(2)]
     try:

@@ -65,10 +65,6 @@ class PreemptionWatcher:
         logging.warning("Received signal %d: saving a checkpoint at the next step.", signum)
         self._notice.set()
 
-    def request(self) -> None:
-        """Asks for a stop at the next step, as a signal would (for tests and callers)."""
-        self._notice.set()
-
     def reached(self, step: int) -> bool:
         if self._multiprocess:
             return multihost_utils.reached_preemption_sync_point(step)
