@@ -42,7 +42,22 @@ def detected_cluster() -> str | None:
         return "cloud_tpu"
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "open_mpi"
+    if _on_cloud_tpu_vm():
+        return "cloud_tpu"
     return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM (queued resources or `tpu-vm create`), whose host list lives in the
+    VM's metadata rather than the environment. JAX's own check: it looks for a TPU
+    locally before asking the metadata server, so elsewhere it costs nothing. Joining
+    even a single-host VM's one-process job is harmless, and on a pod slice it is what
+    lets every host agree on a preemption checkpoint."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster  # private: guard against moves
+        return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
+    except Exception:  # noqa: BLE001 - no detection means no cluster, never a crash
+        return False
 
 
 def initialize(spec: JobSpec) -> None:
