@@ -34,7 +34,9 @@ def compiled(batch_size, mesh_data):
     run = loop.build(config, derived, mesh)
     rng = np.random.default_rng(0)
     batch = make_global_batch({"image": rng.integers(0, 256, (batch_size, 64, 64, 3), np.uint8),
-                               "label": rng.integers(0, 1000, (batch_size,), np.int32)}, mesh)
+                               "label": rng.integers(0, 1000, (batch_size,), np.int32),
+                               "flip": np.zeros(batch_size, bool),
+                               "mask": np.ones(batch_size, bool)}, mesh)
     params = jax.tree.leaves(run.state.params)
     return (run.train_step.lower(run.state, batch).compile().as_text(),
             sum(p.size * p.dtype.itemsize for p in params))

@@ -13,6 +13,23 @@
       p90), images/s, TFLOP/s from XLA's cost analysis, a dense-matmul rate measured in
       the same run and their ratio (MFU), peak memory. --mode=pipeline feeds the real
       input pipeline instead of one synthetic batch. --json prints one JSON object.
+  imagenet-jax bench scaling [--device_counts=1,2,4,8] [--steps=20] [--warmup_steps=3]
+                             [--config=...] [--config.FIELD=VALUE ...] [--json]
+      Times the train step, data parallel, on the first n devices for each count, at a
+      fixed per-device batch: --config.batch_size is the global batch at the largest
+      count. A table of devices, global batch, step time (median), images/s and
+      efficiency against linear scaling; --json prints one JSON object with "rows".
+  imagenet-jax bench input [--steps=20] [--repeats=3] [--config=...] [--config.FIELD=...]
+      Times the configured input pipeline alone on the first --steps global batches:
+      images/s on the host and as global arrays on the devices, the eval pipeline, and
+      two floors on the same files (read only; read and fully decode), each the median
+      of --repeats passes after one warm-up pass; host memory. --json: one JSON object.
+  imagenet-jax prepare --manual_dir=DIR [--data_dir=DIR] [--allow_partial]
+      Prepares ImageNet-2012 for TensorFlow Datasets (ArrayRecord files) from the official
+      ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in --manual_dir (download them
+      from image-net.org after registering), offline; hours for the full dataset. Split
+      sizes other than 1,281,167 train and 50,000 validation images are an error unless
+      --allow_partial. Already prepared: only checks the counts.
 
 Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
 one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
@@ -70,8 +87,18 @@ def _define_flags() -> None:
         "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/imagenet_jax/xla; '' turns it off.")
     flags.DEFINE_string("mode", "synthetic", "bench train: 'synthetic' (one random batch, "
                         "the step alone) or 'pipeline' (the configured input pipeline).")
-    flags.DEFINE_integer("steps", 20, "bench: timed steps; the step time is their median.")
+    flags.DEFINE_integer("steps", 20, "bench train: timed steps; the step time is their "
+                         "median. bench input: global batches per timed pass.")
+    flags.DEFINE_integer("repeats", 3, "bench input: timed passes; each figure is their median.")
     flags.DEFINE_integer("warmup_steps", 3, "bench: untimed steps after compilation.")
+    flags.DEFINE_list("device_counts", None, "bench scaling: device counts to run, e.g. "
+                      "1,2,4,8. Default: the powers of two up to the device count.")
+    flags.DEFINE_string("manual_dir", None, "prepare: the folder holding the ImageNet-2012 "
+                        "tars ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.")
+    flags.DEFINE_string("data_dir", None, "prepare: where TFDS writes the prepared dataset. "
+                        "Default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+    flags.DEFINE_bool("allow_partial", False, "prepare: accept split sizes other than "
+                      "ImageNet-2012's (a subset), with a warning instead of an error.")
 
 
 def _fail(message: str) -> None:
@@ -160,7 +187,7 @@ def list_models(argv: list[str]) -> None:
               f"{row['resolution']:>10}")
 
 
-BENCHMARKS = ("train",)
+BENCHMARKS = ("train", "input", "scaling")
 
 
 def bench(argv: list[str]) -> None:
@@ -171,19 +198,58 @@ def bench(argv: list[str]) -> None:
     import jax
 
     _use_compilation_cache()
-    from imagenet_jax.bench import bench_train, format_table
+    from imagenet_jax.bench import bench_input, bench_train, format_table
     from imagenet_jax.config import ConfigError
 
     try:
-        result = bench_train(FLAGS.config, mode=FLAGS.mode, warmup_steps=FLAGS.warmup_steps,
-                             steps=FLAGS.steps)
+        if argv[1] == "input":
+            result = bench_input(FLAGS.config, batches=FLAGS.steps, repeats=FLAGS.repeats)
+        elif argv[1] == "scaling":
+            _bench_scaling()
+            return
+        else:
+            result = bench_train(FLAGS.config, mode=FLAGS.mode,
+                                 warmup_steps=FLAGS.warmup_steps, steps=FLAGS.steps)
     except ConfigError as e:
         _fail(f"config: {e}")
     if jax.process_index() == 0:
         print(json.dumps(result) if FLAGS.json else format_table(result))
 
 
-COMMANDS = {"train": train, "models": list_models, "bench": bench}
+def _bench_scaling() -> None:
+    """`bench scaling`: its own table; ConfigError propagates to bench's handler."""
+    import jax
+
+    from imagenet_jax.bench import bench_scaling, format_scaling_table
+
+    try:
+        counts = None if FLAGS.device_counts is None else [int(n) for n in FLAGS.device_counts]
+    except ValueError:
+        _fail(f"--device_counts must be integers, got {','.join(FLAGS.device_counts)}")
+    result = bench_scaling(FLAGS.config, device_counts=counts, steps=FLAGS.steps,
+                           warmup_steps=FLAGS.warmup_steps)
+    if jax.process_index() == 0:
+        print(json.dumps(result) if FLAGS.json else format_scaling_table(result))
+
+
+def prepare(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; usage: imagenet-jax prepare "
+              "--manual_dir=DIR [--data_dir=DIR] [--allow_partial]")
+    if not FLAGS.manual_dir:
+        _fail("prepare needs --manual_dir=DIR, the folder holding ILSVRC2012_img_train.tar "
+              "and ILSVRC2012_img_val.tar")
+    from imagenet_jax.data.prepare import PrepareError, prepare_imagenet2012
+
+    try:
+        counts = prepare_imagenet2012(FLAGS.manual_dir, FLAGS.data_dir,
+                                      allow_partial=FLAGS.allow_partial)
+    except PrepareError as e:
+        _fail(str(e))
+    print("imagenet2012 prepared: " + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
+
+
+COMMANDS = {"train": train, "models": list_models, "bench": bench, "prepare": prepare}
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):

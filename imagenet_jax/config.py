@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "constant")
 OPTIMIZERS = ("sgd", "rmsprop")
 ON_NONFINITE = ("stop", "skip")
+# The mesh axes, as parallel/mesh.py names them: the batch is split over both, parameters
+# over 'fsdp' only.
+MESH_AXES = ("data", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -28,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "resnet50"
     c.model_options = ml_collections.ConfigDict()  # constructor options, e.g. aux_logits
-    c.dataset = "demo"               # 'demo' or 'folder:/path' (see data/sources.py)
+    # 'demo', 'folder:/path', 'tfds:NAME' or 'synthetic' (see data/sources.py)
+    c.dataset = "demo"
+    c.data_dir = ""                  # TFDS data_dir for 'tfds:' datasets; '' = TFDS's default
     c.image_size = 224               # train and eval resolution
     c.batch_size = 256               # global, over all devices and processes
     c.eval_batch_size = 256          # global; the last batch is padded and masked
@@ -54,11 +60,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.crop_aspect_ratio = (3 / 4, 4 / 3)
     c.eval_crop_ratio = 0.875        # centre crop of this fraction of the short side
 
-    # Devices along each mesh axis; -1 takes every device not used by the other axes.
-    # A smaller data axis runs on the first devices only (1 process).
-    c.mesh = ml_collections.ConfigDict({"data": -1})
+    # Devices along each mesh axis ('data', 'fsdp'); -1 takes every device not used by the
+    # other axes. The batch is split over both; parameters over 'fsdp' only (ZeRO-3 style).
+    # A smaller mesh runs on the first devices only (1 process).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.fsdp_min_size = 2**18          # params with fewer elements stay replicated under fsdp
+    # Overrides of the fsdp rule, first match wins: (regex searched in the '/'-joined param
+    # path, spec) pairs, spec one entry per dim: an axis name, a tuple of them, or None.
+    # E.g. (("fc/kernel$", (None, "fsdp")),); (("conv", ()),) replicates every conv.
+    c.sharding_rules = ()
+    c.batchnorm_group_size = 0       # BN statistics over groups of N batch devices; 0 = global
 
-    c.dtype = "float32"              # computation; parameters and optimizer state stay float32
+    # Computation dtype; parameters, optimizer state and BatchNorm statistics stay float32.
+    # 'auto': bfloat16 on GPU and TPU, float32 on CPU. 'float16' scales the loss
+    # dynamically (GPU option; bfloat16 needs no scaling).
+    c.dtype = "auto"
     c.log_every_steps = 100
     c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 1000
@@ -85,11 +101,16 @@ class Derived:
     num_devices: int            # in the mesh
     num_processes: int
     mesh_shape: dict
+    compute_dtype: str          # config.dtype with 'auto' resolved for the platform
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Resolves config.mesh's -1 against `num_devices`; raises ConfigError if it cannot fit."""
     sizes = dict(config.mesh)
+    bad_names = [axis for axis in sizes if axis not in MESH_AXES]
+    if bad_names:
+        raise ConfigError(f"mesh {sizes}: unknown axis {bad_names[0]!r}; valid axes: "
+                          f"{', '.join(MESH_AXES)}")
     unknown = [axis for axis, size in sizes.items() if size == -1]
     if len(unknown) > 1:
         raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
@@ -154,10 +175,57 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
         check(config[name] > 0, f"{name} must be positive, got {config[name]}")
     check(config.eval_every_epochs > 0,
           f"eval_every_epochs must be positive, got {config.eval_every_epochs}")
+    validate_sharding(config, shape)
+
+
+def validate_sharding(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+    """fsdp_min_size, sharding_rules and batchnorm_group_size against the resolved mesh.
+
+    Whether a rule's spec fits its parameters' shapes is checked when the state is built
+    (parallel/sharding.py), where the shapes are known.
+    """
+    mesh_devices = math.prod(shape.values())
+    size = config.fsdp_min_size
+    if not isinstance(size, int) or size < 0:
+        raise ConfigError(f"fsdp_min_size must be a non-negative integer, got {size!r}")
+    for rule in config.sharding_rules:
+        validate_sharding_rule(rule)
+    group = config.batchnorm_group_size
+    if not isinstance(group, int) or group < 0 or (group and mesh_devices % group):
+        divisors = [n for n in range(1, mesh_devices + 1) if mesh_devices % n == 0]
+        raise ConfigError(
+            f"batchnorm_group_size={group!r} must be 0 (global statistics) or divide the "
+            f"{mesh_devices} devices of mesh {shape}: one of {divisors}")
+
+
+def validate_sharding_rule(rule) -> None:
+    """A rule is (regex, spec); spec entries are None, an axis name, or a tuple of names."""
+    form = ("each sharding_rules entry is (regex, spec) with spec a tuple of None, "
+            f"axis names or tuples of axis names; valid axes: {', '.join(MESH_AXES)}")
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and isinstance(rule[1], (tuple, list))):
+        raise ConfigError(f"sharding rule {rule!r}: {form}")
+    try:
+        re.compile(rule[0])
+    except re.error as e:
+        raise ConfigError(f"sharding rule {rule!r}: bad regex: {e}") from None
+    for entry in rule[1]:
+        names = entry if isinstance(entry, (tuple, list)) else (entry,)
+        if entry is not None and not all(name in MESH_AXES for name in names):
+            raise ConfigError(f"sharding rule {rule!r}: {form}")
+
+
+def compute_dtype(dtype: str, platform: str) -> str:
+    """config.dtype for `platform` ('cpu', 'gpu', 'tpu'): 'auto' is bfloat16 where the
+    matrix units run it natively, float32 on CPUs, where it would only be emulated."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
 def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_examples: int,
-           num_eval_examples: int, num_devices: int, num_processes: int) -> Derived:
+           num_eval_examples: int, num_devices: int, num_processes: int,
+           platform: str = "cpu") -> Derived:
     shape = mesh_shape(config, num_devices)
     steps_per_epoch = num_train_examples // config.batch_size
     if steps_per_epoch == 0:
@@ -175,4 +243,5 @@ def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_exa
         num_devices=math.prod(shape.values()),
         num_processes=num_processes,
         mesh_shape=shape,
+        compute_dtype=compute_dtype(config.dtype, platform),
     )

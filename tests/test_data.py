@@ -1,8 +1,18 @@
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+from conftest import REPO, subprocess_env
 from PIL import Image
 
-from imagenet_jax.data import demo, pipeline, sources
+from imagenet_jax.data import demo, pipeline, preprocess, sources, synthetic
+from imagenet_jax.parallel import make_mesh
 
 
 def test_demo_layout_and_determinism(tiny_dataset, tmp_path):
@@ -91,5 +101,136 @@ def test_sharding_rejects_uneven_process_split():
 
 
 def test_unknown_dataset_names_valid_forms():
-    with pytest.raises(ValueError, match="valid forms: 'demo' or 'folder:"):
+    with pytest.raises(ValueError, match="valid forms: 'demo', 'folder:.*'tfds:NAME'.*'synthetic"):
         sources.parse_dataset("imagenet")
+
+
+# The kinds of bad file ImageNet's train set holds or a copy can grow: the first three
+# cannot be read and must be skipped; the last three are images and must decode to RGB.
+UNREADABLE = ("empty", "truncated", "corrupt")
+ODD_BUT_VALID = ("cmyk", "gray", "png")
+
+
+def _write_odd_files(class_dir, good: bytes) -> dict[str, str]:
+    """Writes one file of each bad kind into `class_dir`; returns kind -> path."""
+    image = Image.open(io.BytesIO(good))
+    paths = {kind: str(class_dir / f"zz_{kind}.JPEG") for kind in UNREADABLE + ODD_BUT_VALID}
+    (class_dir / "zz_empty.JPEG").write_bytes(b"")
+    (class_dir / "zz_truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (class_dir / "zz_corrupt.JPEG").write_bytes(np.random.default_rng(0).bytes(3000))
+    image.convert("CMYK").save(paths["cmyk"], "JPEG", quality=95)
+    image.convert("L").save(paths["gray"], "JPEG", quality=95)
+    image.save(paths["png"], "PNG")  # a PNG named .JPEG, as in ImageNet's train set
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tiny_dataset, tmp_path_factory):
+    """The tiny dataset plus each kind of bad file in train/ and a truncated one in val/."""
+    root = tmp_path_factory.mktemp("bad") / "data"
+    shutil.copytree(tiny_dataset, root)
+    class_dir = root / "train" / demo.WNIDS[0]
+    good = (class_dir / f"{demo.WNIDS[0]}_0.JPEG").read_bytes()
+    paths = _write_odd_files(class_dir, good)
+    paths["val_truncated"] = str(root / "val" / demo.WNIDS[1] / "zz_truncated.JPEG")
+    (root / "val" / demo.WNIDS[1] / "zz_truncated.JPEG").write_bytes(good[: len(good) // 4])
+    return root, paths
+
+
+@pytest.mark.parametrize("kind", ODD_BUT_VALID)
+def test_cmyk_grayscale_and_png_named_jpeg_decode_to_rgb(bad_dataset, kind):
+    _, paths = bad_dataset
+    image_bytes = tf.io.read_file(paths[kind])
+    if kind == "png":  # converted once, when the pipeline first meets it
+        image_bytes = preprocess.to_jpeg(image_bytes)
+    window = tf.constant([2, 3, 20, 24])
+    decoded = preprocess.decode_and_crop(image_bytes, window).numpy()
+    assert decoded.shape == (20, 24, 3) and decoded.dtype == np.uint8
+    expected = np.asarray(Image.open(paths[kind]).convert("RGB"))[2:22, 3:27].astype(float)
+    # JPEG decoders differ by a few levels (CMYK adds a colour-space round trip).
+    assert np.abs(decoded - expected).mean() < 6
+
+
+def _jpeg_of(path):
+    return preprocess.to_jpeg(tf.io.read_file(path)).numpy()
+
+
+def test_unreadable_images_are_masked_not_dropped(bad_dataset):
+    """A batch with bad files keeps its size and order; exactly the unreadable examples
+    have mask False, the PNG is converted, and every example equals what a pipeline told
+    the repairs up front gives."""
+    root, paths = bad_dataset
+    source = sources.open_folder(root)
+    bad = {i for i, f in enumerate(source.files["train"]) if f in
+           {paths[k] for k in UNREADABLE}}
+    assert len(bad) == 3
+    sharding, spec = pipeline.Sharding(32), pipeline.TrainSpec(16, seed=1, crop_scale=(0.35, 1))
+    steps = 2 * pipeline.steps_per_epoch(source, 32)  # two epochs: every bad file is met
+    skipping = pipeline.skipping_train_batches(source, sharding, spec)
+    got = [next(skipping) for _ in range(steps)]
+    png = source.files["train"].tolist().index(paths["png"])
+    repairs = pipeline.Repairs({png: _jpeg_of(paths["png"])}, frozenset(bad))
+    told = pipeline.train_dataset(source, sharding, image_size=16, seed=1, crop_scale=(0.35, 1),
+                                  repairs=repairs).as_numpy_iterator()
+    skipped = 0
+    for batch, expected in zip(got, told, strict=False):
+        assert batch["image"].shape == (32, 16, 16, 3)
+        for key in ("image", "label", "flip", "mask"):
+            np.testing.assert_array_equal(batch[key], expected[key])
+        skipped += int((~batch["mask"]).sum())
+    examples = pipeline.train_examples(source, sharding, seed=1).take(steps * 32)
+    visits = sum(int(i) in bad for _, i in examples.as_numpy_iterator())
+    assert skipped == visits > 0
+    assert skipping.repairs.converted.keys() == {png}  # the PNG named .JPEG, read as JPEG
+    report = skipping.take_report()
+    assert sorted(report) == sorted(bad)
+    assert all(any(paths[k] in where for k in UNREADABLE) for where in report.values())
+    assert skipping.take_report() == {}  # reported once
+
+
+def test_unreadable_eval_image_is_not_counted(bad_dataset):
+    root, paths = bad_dataset
+    source = sources.open_folder(root)
+    batches = pipeline.skipping_eval_batches(source, pipeline.Sharding(16), image_size=16)
+    counted = sum(int(b["mask"].sum()) for b in batches)
+    assert counted == source.num_examples("val") - 1
+    assert [paths["val_truncated"] in w for w in batches.take_report().values()] == [True]
+
+
+def test_training_survives_bad_files_and_reports_them(bad_dataset, tmp_path):
+    """The CLI trains a folder with every kind of bad file to the end, counts the skips in
+    metrics.jsonl and names each unreadable file in its log."""
+    root, paths = bad_dataset
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "imagenet_jax", "train", f"--config={REPO}/tests/tiny_config.py",
+         f"--config.dataset=folder:{root}", "--config.num_epochs=1", f"--workdir={workdir}"],
+        cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in UNREADABLE:
+        assert paths[kind] in result.stderr
+    assert paths["val_truncated"] in result.stderr
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert sum(r["skipped_examples"] for r in train) >= 1
+    source = sources.open_folder(root)
+    assert records[-1]["split"] == "val"
+    assert records[-1]["num_examples"] == source.num_examples("val") - 1
+
+
+def test_synthetic_source_and_batches():
+    source = sources.get_source("synthetic:classes=10,train=64,val=20")
+    assert (source.num_classes, source.num_examples("train"), source.num_examples("val")) == (
+        10, 64, 20)
+    assert sources.get_source("synthetic").num_examples("train") == 1_281_167
+    with pytest.raises(ValueError, match="classes=N, train=N or val=N"):
+        sources.get_source("synthetic:classes=0")
+    mesh = make_mesh(jax.devices())
+    first = next(synthetic.train_batches(source, mesh, 16, 8, seed=0))
+    again = next(synthetic.train_batches(source, mesh, 16, 8, seed=0))
+    np.testing.assert_array_equal(first["image"], again["image"])  # a function of the seed
+    assert first["image"].dtype == np.uint8 and first["image"].shape == (16, 8, 8, 3)
+    assert len(first["image"].sharding.device_set) == 8  # made sharded, on the devices
+    assert int(np.max(first["label"])) < 10
+    evals = list(synthetic.eval_batches(source, mesh, 16, 8, seed=0))
+    assert sum(int(b["mask"].sum()) for b in evals) == 20

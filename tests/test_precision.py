@@ -1,7 +1,8 @@
-"""bfloat16 computation: the state stays float32, the arithmetic is bfloat16, the losses agree.
+"""Mixed precision: the state stays float32, the arithmetic is bfloat16 or float16, the
+losses agree; float16 scales the loss dynamically.
 
-One tiny config is trained for three steps twice, `dtype="float32"` and `dtype="bfloat16"`,
-from the same seed on the same three batches. The first step starts from identical float32
+One tiny config is trained for three steps in float32, bfloat16 and float16, from the
+same seed on the same three batches. The first step starts from identical float32
 parameters, so its loss differs only by the precision of the arithmetic.
 """
 
@@ -16,6 +17,7 @@ from conftest import tiny_config
 from imagenet_jax.data import pipeline
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape
 from imagenet_jax.train import loop
+from imagenet_jax.train.loss_scale import GROWTH_PERIOD, INITIAL_SCALE, LossScale
 
 NUM_STEPS = 3
 # bfloat16 keeps 8 significant bits (7 stored), so one rounding moves a value by up to
@@ -46,26 +48,30 @@ def _first_batches(config, num_batches):
     return [next(batches) for _ in range(num_batches)]
 
 
-def _train(config, batches):
-    """(per-step losses, final state on the host, the step's StableHLO text)."""
+def _train(config, batches, initial_scale=None):
+    """(per-step losses, final state on the host, the step's StableHLO text, metrics)."""
     _, derived = loop.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     run = loop.build(config, derived, mesh)
     global_batches = [make_global_batch(batch, mesh) for batch in batches]
     hlo = run.train_step.lower(run.state, global_batches[0]).as_text()
-    state, losses = run.state, []
+    state, losses, all_metrics = run.state, [], []
+    if initial_scale is not None:
+        state = state.replace(loss_scale=state.loss_scale.replace(
+            scale=jnp.asarray(initial_scale, jnp.float32)))
     for batch in global_batches:
         state, metrics = run.train_step(state, batch)
         losses.append(float(metrics.loss.compute()))
-    return np.asarray(losses), jax.device_get(state), hlo
+        all_metrics.append(jax.device_get(metrics.compute()))
+    return np.asarray(losses), jax.device_get(state), hlo, all_metrics
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_dataset):
-    """Both dtypes, trained on the same batches: {dtype: (losses, state, hlo)}."""
+    """Each dtype, trained on the same batches: {dtype: (losses, state, hlo, metrics)}."""
     batches = _first_batches(_config(tiny_dataset, "float32"), NUM_STEPS)
     return {dtype: _train(_config(tiny_dataset, dtype), batches)
-            for dtype in ("float32", "bfloat16")}
+            for dtype in ("float32", "bfloat16", "float16")}
 
 
 def _floating_dtypes(tree):
@@ -79,7 +85,7 @@ def _convolution_result_types(hlo):
 
 
 def test_bfloat16_keeps_parameters_optimizer_and_batchnorm_state_in_float32(runs):
-    _, state, _ = runs["bfloat16"]
+    _, state, _, _ = runs["bfloat16"]
     assert _floating_dtypes(state.params) == {jnp.dtype(jnp.float32)}
     assert _floating_dtypes(state.opt_state) == {jnp.dtype(jnp.float32)}  # momentum
     assert _floating_dtypes(state.model_state) == {jnp.dtype(jnp.float32)}  # BN mean/var
@@ -99,3 +105,42 @@ def test_bfloat16_losses_agree_with_float32_at_every_step(runs):
     f32_losses, bf16_losses = runs["float32"][0], runs["bfloat16"][0]
     assert np.all(np.isfinite(bf16_losses)), bf16_losses
     np.testing.assert_allclose(bf16_losses, f32_losses, rtol=LOSS_RTOL)
+
+
+def test_float16_trains_like_float32_with_a_loss_scale(runs):
+    f32_losses, f16_losses = runs["float32"][0], runs["float16"][0]
+    np.testing.assert_allclose(f16_losses, f32_losses, rtol=LOSS_RTOL)
+    _, state, hlo, metrics = runs["float16"]
+    assert set(_convolution_result_types(hlo)) == {"f16"}
+    assert _floating_dtypes(state.params) == {jnp.dtype(jnp.float32)}
+    assert float(state.loss_scale.scale) == INITIAL_SCALE  # no overflow: unchanged
+    assert int(state.loss_scale.good_steps) == NUM_STEPS
+    assert [m["loss_scale_overflows"] for m in metrics] == [0] * NUM_STEPS
+    assert float(runs["float32"][1].loss_scale.scale) == 1.0  # float32 never scales
+
+
+def test_float16_overflow_skips_the_step_and_halves_the_scale(tiny_dataset):
+    """From an absurd scale, gradients overflow float16: each step changes nothing but the
+    scale, which halves; none counts as a non-finite step (that would stop the run)."""
+    config = _config(tiny_dataset, "float16")
+    batches = _first_batches(config, 2)
+    initial = jax.device_get(loop.build(config, loop.plan(config)[1],
+                                        mesh_from_shape({"data": 1})).state)
+    _, state, _, metrics = _train(config, batches, initial_scale=2.0**60)
+    assert float(state.loss_scale.scale) == 2.0**58
+    assert [m["loss_scale_overflows"] for m in metrics] == [1, 1]
+    assert [m["nonfinite_steps"] for m in metrics] == [0, 0]
+    for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial.params),
+                        strict=True):
+        np.testing.assert_array_equal(new, old)
+
+
+def test_loss_scale_grows_after_a_period_of_finite_steps():
+    scale = LossScale(scale=jnp.float32(8.0), good_steps=jnp.int32(GROWTH_PERIOD - 1))
+    grown = scale.adjust(jnp.bool_(True))
+    assert (float(grown.scale), int(grown.good_steps)) == (16.0, 0)
+    shrunk = scale.adjust(jnp.bool_(False))
+    assert (float(shrunk.scale), int(shrunk.good_steps)) == (4.0, 0)
+    floor = LossScale(scale=jnp.float32(1.0), good_steps=jnp.int32(0))
+    assert not bool(floor.is_overflow(jnp.bool_(False)))  # at scale 1: a real non-finite step
+    assert float(floor.adjust(jnp.bool_(False)).scale) == 1.0

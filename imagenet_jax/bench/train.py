@@ -9,7 +9,6 @@ process, their ratio (MFU) and peak memory. Every config override applies, so
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import resource
@@ -25,8 +24,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagenet_jax.config import ConfigError, Derived
-from imagenet_jax.data import pipeline, sources
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
+from imagenet_jax.data import input as data_input
+from imagenet_jax.data import sources
+from imagenet_jax.parallel import make_global_batch, mesh_from_shape
 from imagenet_jax.train import loop
 
 MODES = ("synthetic", "pipeline")
@@ -79,7 +79,7 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     # Read before the matmul allocates its own buffers: the peak belongs to the step.
     peak_memory_mb, peak_memory_source = peak_memory(mesh)
 
-    matmul = measure_matmul(mesh, jnp.dtype(config.dtype), matmul_size)
+    matmul = measure_matmul(mesh, jnp.dtype(derived.compute_dtype), matmul_size)
     result = describe_run(config, derived, mesh, mode, warmup_steps, steps)
     result["compile_s"] = compile_s
     result.update(step_figures(step_seconds, config.batch_size))
@@ -115,19 +115,16 @@ def synthetic_batches(config: ml_collections.ConfigDict, derived: Derived,
     local_batch = {
         "image": rng.integers(0, 256, (local_batch_size, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, derived.num_classes, (local_batch_size,), dtype=np.int32),
+        "flip": rng.random(local_batch_size) < 0.5,
+        "mask": np.ones(local_batch_size, bool),
     }
     return itertools.repeat(make_global_batch(local_batch, mesh))
 
 
-def pipeline_batches(config: ml_collections.ConfigDict, source: sources.FolderSource,
+def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source,
                      mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
     """The train loop's own input: its tf.data pipeline, prefetched to the devices."""
-    sharding = pipeline.Sharding(config.batch_size, jax.process_index(), jax.process_count())
-    dataset = pipeline.train_dataset(source, sharding, image_size=config.image_size,
-                                     seed=config.seed, crop_scale=tuple(config.crop_scale),
-                                     crop_ratio=tuple(config.crop_aspect_ratio))
-    return prefetch_to_device(dataset.as_numpy_iterator(), config.prefetch_batches,
-                              functools.partial(make_global_batch, mesh=mesh))
+    return data_input.train_batches(source, config, mesh)
 
 
 def compile_step(train_step: Callable, state: Any, batch: dict) -> tuple[Callable, float]:
@@ -262,7 +259,7 @@ def describe_run(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh
         "model": config.model,
         "image_size": config.image_size,
         "global_batch_size": config.batch_size,
-        "dtype": config.dtype,
+        "dtype": derived.compute_dtype,
         "mode": mode,
         "devices": derived.num_devices,
         "processes": derived.num_processes,

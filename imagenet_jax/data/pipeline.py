@@ -6,20 +6,33 @@ and devices: epoch `e` visits a permutation of the training set drawn from
 `p` reads the contiguous slice [p*L, (p+1)*L) (G global, L = G / processes). So
 1 process or 8, 1 device or 8, the model sees the same global batches; and a run
 resumed at step s rebuilds the pipeline at s instead of replaying the data before it.
+
+Every image takes one branch-free JPEG path. Files that path cannot read never stop
+a run and never drop a batch: `SkippingBatches` notices the failing batch, examines
+its examples one by one, and rebuilds the pipeline at that batch with `Repairs`: an
+image in another format (ImageNet's train set holds a PNG named .JPEG) is converted
+to JPEG once and read from memory from then on; an unreadable one (corrupt,
+truncated, empty) is replaced by a neutral image with `mask` False, so it counts in
+no loss and no metric. Building the pipeline at any step costs nothing, so the price
+is re-reading one batch per bad file, once per run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from imagenet_jax.data import preprocess
-from imagenet_jax.data.sources import FolderSource
+from imagenet_jax.data.sources import Source
 
 _NUM_EPOCHS_UNBOUNDED = 2**40
+_NEUTRAL_RGB = (124, 116, 104)
+_MAX_RETRIES = 2  # a batch that fails with no bad example found is retried this often
 
 
 def hide_accelerators_from_tensorflow() -> None:
@@ -29,6 +42,16 @@ def hide_accelerators_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "TPU")
     except (RuntimeError, ValueError):  # Already initialised, or no such device type.
         pass
+
+
+def dataset_options() -> tf.data.Options:
+    """Each image's ops run on one thread: the parallelism is across images
+    (num_parallel_calls), and per-op thread pools only add hand-offs for tensors this
+    small."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +78,74 @@ class Sharding:
         return per_batch[:, self.process_index].reshape(-1)
 
 
-def steps_per_epoch(source: FolderSource, global_batch_size: int) -> int:
+def steps_per_epoch(source: Source, global_batch_size: int) -> int:
     """Full global batches in one pass over the training split (the remainder is dropped)."""
     return source.num_examples("train") // global_batch_size
 
 
-def train_dataset(source: FolderSource, sharding: Sharding, *, image_size: int, seed: int,
-                  start_step: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
-                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.data.Dataset:
-    """Endless batches {'image': uint8 [L, S, S, 3], 'label': int32 [L]} from `start_step` on."""
-    hide_accelerators_from_tensorflow()
+@dataclasses.dataclass(frozen=True)
+class Repairs:
+    """What the pipeline learned about the files its JPEG path cannot read."""
+
+    converted: dict[int, bytes] = dataclasses.field(default_factory=dict)  # index -> JPEG
+    skipped: frozenset[int] = frozenset()  # unreadable: neutral image, mask False
+
+    def __bool__(self) -> bool:
+        return bool(self.converted or self.skipped)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.converted or index in self.skipped
+
+
+def _neutral_jpeg() -> bytes:
+    """What a skipped example looks like: the mean ImageNet pixel, which normalises to
+    ~0, so it barely moves the BatchNorm statistics of its batch."""
+    pixels = tf.broadcast_to(tf.constant(_NEUTRAL_RGB, tf.uint8), [8, 8, 3])
+    return tf.io.encode_jpeg(pixels, quality=95).numpy()
+
+
+def repaired_reader(read: Callable, repairs: Repairs) -> Callable:
+    """In-graph index -> (image bytes, label, mask), with `repairs` applied: a table
+    lookup and a select, no branch; just `read` when there is nothing to repair."""
+    if not repairs:
+        return lambda index: (*read(index), tf.constant(True))
+    neutral = _neutral_jpeg()
+    keys = sorted(repairs.converted.keys() | repairs.skipped)
+    values = [repairs.converted.get(k, neutral) for k in keys]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64), tf.constant(values)),
+        default_value="")
+    skipped = tf.constant(sorted(repairs.skipped) or [-1], tf.int64)
+
+    def read_repaired(index):
+        image_bytes, label = read(index)
+        index = tf.cast(index, tf.int64)
+        replacement = table.lookup(index)
+        image_bytes = tf.where(tf.strings.length(replacement) > 0, replacement, image_bytes)
+        return image_bytes, label, tf.reduce_all(tf.not_equal(index, skipped))
+
+    return read_repaired
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """The training pipeline's parameters: everything its batches depend on."""
+
+    image_size: int
+    seed: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def train_examples(source: Source, sharding: Sharding, seed: int,
+                   start_step: int = 0) -> tf.data.Dataset:
+    """(epoch, index) of every example this process reads, endlessly, from `start_step`."""
     num_examples = source.num_examples("train")
     batches_per_epoch = steps_per_epoch(source, sharding.global_batch_size)
     if batches_per_epoch == 0:
         raise ValueError(f"the training split has {num_examples} examples, fewer than one "
                          f"global batch of {sharding.global_batch_size}")
     local_positions = tf.constant(sharding.local_positions(batches_per_epoch))
-    paths = tf.constant(source.files["train"])
-    labels = tf.constant(source.labels["train"])
 
     def epoch_examples(epoch):
         # A stable sort of random 64-bit keys: a permutation fixed by (seed, epoch).
@@ -80,49 +153,201 @@ def train_dataset(source: FolderSource, sharding: Sharding, *, image_size: int, 
                                            minval=None, maxval=None, dtype=tf.int64)
         permutation = tf.argsort(keys, stable=True)
         indices = tf.gather(permutation, local_positions)
-        epochs = tf.fill(tf.shape(indices), epoch)
-        return tf.data.Dataset.from_tensor_slices((epochs, indices))
-
-    def load(epoch, index):
-        example_seed = tf.random.experimental.stateless_fold_in(tf.stack([seed, epoch]), index)
-        image = preprocess.train_image(tf.io.read_file(paths[index]), example_seed, image_size,
-                                       crop_scale, crop_ratio)
-        return {"image": image, "label": labels[index]}
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
 
     start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
-    ds = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
+    examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
     # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
-    ds = ds.skip(step_in_epoch * sharding.local_batch_size)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return examples.skip(step_in_epoch * sharding.local_batch_size)
+
+
+def train_loader(source: Source, spec: TrainSpec, repairs: Repairs = Repairs()
+                 ) -> Callable[[tf.Tensor, tf.Tensor], dict]:
+    """(epoch, index) -> one training example {'image', 'label', 'flip', 'mask'}."""
+    read = repaired_reader(source.read("train"), repairs)
+
+    def load(epoch, index):
+        example_seed = tf.random.experimental.stateless_fold_in(tf.stack([spec.seed, epoch]),
+                                                                index)
+        image_bytes, label, mask = read(index)
+        image, flip = preprocess.train_image(image_bytes, example_seed, spec.image_size,
+                                             spec.crop_scale, spec.crop_ratio)
+        return {"image": image, "label": label, "flip": flip, "mask": mask}
+
+    return load
+
+
+def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: int,
+                  start_step: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
+                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                  repairs: Repairs = Repairs()) -> tf.data.Dataset:
+    """Endless local batches from `start_step`: {'image': uint8 [L, S, S, 3], 'label':
+    int32 [L], 'flip': bool [L], 'mask': bool [L]}; skipped examples have mask False."""
+    hide_accelerators_from_tensorflow()
+    spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio))
+    ds = train_examples(source, sharding, seed, start_step)
+    ds = ds.map(train_loader(source, spec, repairs), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
-def num_eval_batches(source: FolderSource, split: str, global_batch_size: int) -> int:
+def num_eval_batches(source: Source, split: str, global_batch_size: int) -> int:
     return math.ceil(source.num_examples(split) / global_batch_size)
 
 
-def eval_dataset(source: FolderSource, sharding: Sharding, *, split: str = "val",
-                 image_size: int, crop_ratio: float = 0.875) -> tf.data.Dataset:
+def eval_examples(source: Source, sharding: Sharding, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """This process's example indices for evaluating `split`, and which are real (not
+    padding): every process gets the same number of whole batches."""
+    num_examples = source.num_examples(split)
+    positions = sharding.local_positions(num_eval_batches(source, split,
+                                                          sharding.global_batch_size))
+    return np.minimum(positions, num_examples - 1), positions < num_examples
+
+
+def eval_loader(source: Source, split: str, image_size: int, crop_ratio: float,
+                repairs: Repairs = Repairs()) -> Callable[[tf.Tensor, tf.Tensor], dict]:
+    """(index, valid) -> one evaluation example {'image', 'label', 'mask'}."""
+    read = repaired_reader(source.read(split), repairs)
+
+    def load(index, valid):
+        image_bytes, label, readable = read(index)
+        image = preprocess.eval_image(image_bytes, image_size, crop_ratio)
+        return {"image": image, "label": label, "mask": valid & readable}
+
+    return load
+
+
+def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
+                 image_size: int, crop_ratio: float = 0.875, start_batch: int = 0,
+                 repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """Every example of `split` exactly once, padded to whole global batches.
 
     Batches are {'image', 'label', 'mask'}; padding rows repeat the last example with
-    mask False. Every process yields the same number of batches.
+    mask False, and so do skipped examples. Every process yields the same number of
+    batches.
     """
     hide_accelerators_from_tensorflow()
-    num_examples = source.num_examples(split)
-    num_batches = num_eval_batches(source, split, sharding.global_batch_size)
-    positions = sharding.local_positions(num_batches)
-    mask = positions < num_examples
-    indices = np.minimum(positions, num_examples - 1)
-    paths = tf.constant(source.files[split])
-    labels = tf.constant(source.labels[split])
-
-    def load(index, valid):
-        image = preprocess.eval_image(tf.io.read_file(paths[index]), image_size, crop_ratio)
-        return {"image": image, "label": labels[index], "mask": valid}
-
-    ds = tf.data.Dataset.from_tensor_slices((indices, mask))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    indices, valid = eval_examples(source, sharding, split)
+    start = start_batch * sharding.local_batch_size
+    ds = tf.data.Dataset.from_tensor_slices((indices[start:], valid[start:]))
+    ds = ds.map(eval_loader(source, split, image_size, crop_ratio, repairs),
+                num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+
+
+class SkippingBatches(Iterator[dict]):
+    """Numpy batches of a pipeline, carried past the files its JPEG path cannot read.
+
+    `build(position, repairs)` makes the pipeline from batch `position` on;
+    `examples_at(position)` lists that batch's examples as (example index, arguments of
+    `load`); `load(*args)` reads one example as the pipeline would, without repairs; and
+    `read_bytes(index)` returns an example's raw file bytes. When a batch fails, each of
+    its examples is loaded on its own: a file that fails but decodes as another format
+    is converted to JPEG, one that does not is skipped, and the pipeline is rebuilt at
+    the failing batch with the new repairs.
+    """
+
+    def __init__(self, build: Callable[[int, Repairs], tf.data.Dataset],
+                 examples_at: Callable[[int], list[tuple[int, tuple]]], load: Callable[..., dict],
+                 read_bytes: Callable[[int], tf.Tensor], describe: Callable[[int], str],
+                 start: int = 0):
+        self._build, self._examples_at, self._load = build, examples_at, load
+        self._read_bytes, self._describe = read_bytes, describe
+        self._position = start
+        self.repairs = Repairs()
+        self._unreported: dict[int, str] = {}
+        self._iterator = iter(build(start, self.repairs).as_numpy_iterator())
+        self._retries = 0
+
+    def __next__(self) -> dict:
+        while True:
+            try:
+                batch = next(self._iterator)
+            except tf.errors.OpError as error:
+                self._recover(error)
+                continue
+            self._position += 1
+            self._retries = 0
+            return batch
+
+    def _recover(self, error: tf.errors.OpError) -> None:
+        converted, skipped = dict(self.repairs.converted), set(self.repairs.skipped)
+        for index, args in self._examples_at(self._position):
+            if index in self.repairs:
+                continue
+            try:
+                self._load(*args)
+                continue
+            except tf.errors.OpError as e:
+                failure = type(e).__name__
+            try:
+                converted[index] = preprocess.to_jpeg(self._read_bytes(index)).numpy()
+                logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
+                             self._describe(index))
+            except tf.errors.OpError:
+                skipped.add(index)
+                self._unreported[index] = f"{self._describe(index)} ({failure})"
+                logging.info("Skipping unreadable image %s", self._unreported[index])
+        repairs = Repairs(converted, frozenset(skipped))
+        if converted.keys() == self.repairs.converted.keys() and skipped == self.repairs.skipped:
+            self._retries += 1
+            if self._retries > _MAX_RETRIES:
+                raise error
+            logging.warning("Input batch %d failed with no unreadable image found; "
+                            "retrying: %s", self._position, error.message[:200])
+        self.repairs = repairs
+        self._iterator = iter(self._build(self._position, repairs).as_numpy_iterator())
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.repairs.skipped)
+
+    def take_report(self) -> dict[int, str]:
+        """The examples skipped since the last report: index -> where it lives and why."""
+        report, self._unreported = self._unreported, {}
+        return report
+
+
+def _bytes_reader(source: Source, split: str) -> Callable[[int], tf.Tensor]:
+    read = source.read(split)
+    return lambda index: read(tf.constant(index, tf.int64))[0]
+
+
+def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
+                           start_step: int = 0) -> SkippingBatches:
+    """`train_dataset` from `start_step`, carried past unreadable images."""
+    def build(step, repairs):
+        return train_dataset(source, sharding, image_size=spec.image_size, seed=spec.seed,
+                             start_step=step, crop_scale=spec.crop_scale,
+                             crop_ratio=spec.crop_ratio, repairs=repairs)
+
+    def examples_at(step):
+        pairs = train_examples(source, sharding, spec.seed, step).take(sharding.local_batch_size)
+        return [(int(index), (tf.constant(epoch), tf.constant(index)))
+                for epoch, index in pairs.as_numpy_iterator()]
+
+    return SkippingBatches(build, examples_at, train_loader(source, spec),
+                           _bytes_reader(source, "train"),
+                           lambda index: source.describe("train", index), start_step)
+
+
+def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "val",
+                          image_size: int, crop_ratio: float = 0.875) -> SkippingBatches:
+    """`eval_dataset`, carried past unreadable images (they count as not evaluated)."""
+    indices, valid = eval_examples(source, sharding, split)
+    size = sharding.local_batch_size
+
+    def build(batch, repairs):
+        return eval_dataset(source, sharding, split=split, image_size=image_size,
+                            crop_ratio=crop_ratio, start_batch=batch, repairs=repairs)
+
+    def examples_at(batch):
+        rows = slice(batch * size, (batch + 1) * size)
+        return [(int(i), (tf.constant(i, tf.int64), tf.constant(v)))
+                for i, v in zip(indices[rows], valid[rows], strict=True)]
+
+    return SkippingBatches(build, examples_at,
+                           eval_loader(source, split, image_size, crop_ratio),
+                           _bytes_reader(source, split),
+                           lambda index: source.describe(split, index))

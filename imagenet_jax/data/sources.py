@@ -2,7 +2,11 @@
 
 `config.dataset` picks one:
   demo               the generated demo dataset (a folder in ImageNet's layout)
-  folder:/path/root  any folder laid out as `root/<split>/<class>/<image>`
+  folder:/path/root  any folder laid out as `root/<split>/<class>/<image>`, read
+                     straight from the files (no preparation step)
+  tfds:NAME          a prepared TensorFlow Datasets image-classification dataset in
+                     `config.data_dir` (imagenet2012: `imagenet-jax prepare`)
+  synthetic          random images made on the devices (data/synthetic.py)
 The number of classes, their names and the split sizes always come from the source.
 """
 
@@ -10,14 +14,42 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import tensorflow as tf
 
-from imagenet_jax.data import demo
+from imagenet_jax.data import demo, synthetic
 
 SPLITS = ("train", "val")
-DATASET_FORMS = "'demo' or 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*)"
+DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
+                 "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")
+
+
+class Source(Protocol):
+    """What the pipelines need from a dataset: sizes, classes, and in-graph random access.
+
+    Splits are named "train" and "val" whatever the dataset calls them. Examples are
+    addressed by their index in [0, num_examples(split)); the pipelines decide the
+    order, so any source gets the same deterministic, resumable, per-process reading.
+    """
+
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def num_examples(self, split: str) -> int: ...
+
+    def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+        """In-graph: an int64 scalar index -> (encoded image bytes, int32 label), both scalars."""
+        ...
+
+    def describe(self, split: str, index: int) -> str:
+        """Where example `index` lives, for reports of unreadable images (a path when known)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +68,36 @@ class FolderSource:
     def num_examples(self, split: str) -> int:
         return len(self.files[split])
 
+    def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+        paths = tf.constant(self.files[split])
+        labels = tf.constant(self.labels[split])
+        return lambda index: (tf.io.read_file(paths[index]), labels[index])
+
+    def describe(self, split: str, index: int) -> str:
+        return str(self.files[split][index])
+
 
 def parse_dataset(spec: str) -> tuple[str, str]:
     """Splits `spec` into (kind, argument); raises ValueError naming the valid forms."""
-    if spec == "demo":
-        return "demo", ""
+    if spec in ("demo", "synthetic"):
+        return spec, ""
     kind, sep, arg = spec.partition(":")
-    if kind == "folder" and sep and arg:
+    if kind in ("folder", "tfds", "synthetic") and sep and arg:
         return kind, arg
     raise ValueError(f"unknown dataset {spec!r}; valid forms: {DATASET_FORMS}")
 
 
-def get_source(spec: str) -> FolderSource:
-    """Opens the dataset named by `spec`, generating the demo dataset on first use."""
+def get_source(spec: str, data_dir: str | None = None) -> Source:
+    """Opens the dataset named by `spec`, generating the demo dataset on first use.
+
+    `data_dir` is TFDS's data directory (None: TFDS's default) for `tfds:` datasets.
+    """
     kind, arg = parse_dataset(spec)
+    if kind == "synthetic":
+        return synthetic.parse_synthetic(arg)
+    if kind == "tfds":
+        from imagenet_jax.data import tfds_source  # TFDS is slow to import: only when used
+        return tfds_source.open_tfds(arg, data_dir)
     root = demo.ensure_demo_dataset() if kind == "demo" else Path(arg).expanduser()
     return open_folder(root)
 

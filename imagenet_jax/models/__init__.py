@@ -14,6 +14,8 @@ follows one contract, which the train and eval steps rely on:
 - `model.train()` / `model.eval()` switch BatchNorm and dropout (NNX's `deterministic`
   and `use_running_average` attributes; a model's own `deterministic` attribute, if
   it has one, is switched with them).
+- BatchNorm layers are `layers.BatchNorm` (nnx.BatchNorm's variables and names), so that
+  `layers.set_batchnorm_groups` can split their training statistics by device group.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagenet_jax.models.layers import BatchNorm
+
 # Rescales inputs normalised with the ImageNet mean/std to (x - 0.5) / 0.5 per channel, the
 # normalisation Google's original weights (ported by torchvision) were trained with.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,8 +71,8 @@ class BasicConv2d(nnx.Module):
             padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False,
             kernel_init=nnx.initializers.truncated_normal(stddev), dtype=dtype,
             param_dtype=param_dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-3, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+        self.bn = BatchNorm(out_features, momentum=0.9, epsilon=1e-3, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return nnx.relu(self.bn(self.conv(x)))

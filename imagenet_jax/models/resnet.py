@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagenet_jax.models.layers import BatchNorm
+
 # He-normal, fan-out, as torchvision initialises ResNet convolutions.
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -30,7 +32,7 @@ class ConvBN(nnx.Module):
             in_features, out_features, (kernel_size, kernel_size), strides=stride,
             padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
             kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(
+        self.bn = BatchNorm(
             out_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
             scale_init=nnx.initializers.zeros if zero_init_scale else nnx.initializers.ones,
             rngs=rngs)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagenet_jax.models.alexnet import MaxPool, ReLU, adaptive_avg_pool, apply_layers
+from imagenet_jax.models.layers import BatchNorm
 
 # Output channels of each 3x3 conv; "M" is a 2x2/2 max pool. Table 1 of the paper.
 CONFIGS: dict[str, tuple[int | str, ...]] = {
@@ -57,7 +58,7 @@ def make_features(config: Sequence[int | str], *, batch_norm: bool, dtype, param
         layers.append(nnx.Conv(in_features, item, (3, 3), padding=1, kernel_init=conv_init,
                                **kw))
         if batch_norm:
-            layers.append(nnx.BatchNorm(item, momentum=0.9, epsilon=1e-5, **kw))
+            layers.append(BatchNorm(item, momentum=0.9, epsilon=1e-5, **kw))
         layers.append(ReLU())
         in_features = item
     return layers, in_features

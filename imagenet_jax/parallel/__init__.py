@@ -1,7 +1,10 @@
 """Device meshes, sharding and host-local <-> global arrays."""
 
 from imagenet_jax.parallel.mesh import (
+    BATCH_AXES,
     DATA_AXIS,
+    FSDP_AXIS,
+    batch_axes,
     batch_sharding,
     make_global_batch,
     make_mesh,
@@ -11,7 +14,10 @@ from imagenet_jax.parallel.mesh import (
 )
 
 __all__ = [
+    "BATCH_AXES",
     "DATA_AXIS",
+    "FSDP_AXIS",
+    "batch_axes",
     "batch_sharding",
     "make_global_batch",
     "make_mesh",

@@ -1,8 +1,9 @@
 """The device mesh, the shardings the trainer uses, and getting batches onto it.
 
 Data parallelism is `jax.jit` over global arrays: the batch is sharded along the
-mesh's `data` axis, the train state is replicated, and XLA inserts the gradient
-all-reduce. Every process holds only its own slice of each global batch.
+mesh's batch axes (`data` and `fsdp`), the train state is replicated (or, over `fsdp`,
+sharded by parallel/sharding.py's rules), and XLA inserts the gradient all-reduce (or
+reduce-scatter). Every process holds only its own slice of each global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"  # also splits the batch; parameters are sharded over it (ZeRO-3 style)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -35,9 +38,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh's axes that split the batch, major to minor: `data`, then `fsdp`."""
+    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the data axis, the rest whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) dimension split over every batch axis of `mesh`, the rest whole.
+
+    Device (d, f) of a (data, fsdp) mesh holds block d * fsdp + f of the batch, so
+    consecutive blocks sit on consecutive devices of the mesh.
+    """
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

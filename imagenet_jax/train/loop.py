@@ -24,9 +24,12 @@ from jax.sharding import Mesh
 from imagenet_jax import models
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived, derive, validate
-from imagenet_jax.data import pipeline, sources
+from imagenet_jax.data import input as data_input
+from imagenet_jax.data import sources
 from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
+from imagenet_jax.models.layers import batchnorm_groups, set_batchnorm_groups
+from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.parallel.sharding import ShardingRules
 from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
 from imagenet_jax.train.state import TrainState, create_train_state
@@ -60,12 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logger = MetricsLogger(workdir, resume_step=start_step)
     evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
 
-    sharding = pipeline.Sharding(config.batch_size, jax.process_index(), jax.process_count())
-    train_batches = prefetch_to_device(
-        pipeline.train_dataset(source, sharding, image_size=config.image_size, seed=config.seed,
-                               start_step=start_step, crop_scale=tuple(config.crop_scale),
-                               crop_ratio=tuple(config.crop_aspect_ratio)).as_numpy_iterator(),
-        config.prefetch_batches, functools.partial(make_global_batch, mesh=mesh))
+    train_batches = data_input.train_batches(source, config, mesh, start_step)
     try:
         val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
                                   start_step, checkpointer, logger, evaluate)
@@ -103,6 +101,9 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
                 train_metrics["images_per_sec"] = images / (now - last_log_time)
                 last_log_time, last_log_step = now, step
                 logger.log(step, "train", train_metrics)
+            if step % derived.steps_per_epoch == 0 or is_last:
+                epoch = step / derived.steps_per_epoch
+                report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
             if step % derived.eval_every_steps == 0 or is_last:
                 val_metrics = evaluate(state)
                 logger.log(step, "val", val_metrics)
@@ -120,7 +121,7 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     return val_metrics
 
 
-def plan(config: ml_collections.ConfigDict) -> tuple[sources.FolderSource, Derived]:
+def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
     """Validates `config`, opens its dataset and derives the run's numbers from both.
 
     Raises ConfigError, before anything is built, for anything the user must fix.
@@ -128,13 +129,14 @@ def plan(config: ml_collections.ConfigDict) -> tuple[sources.FolderSource, Deriv
     validate(config, model_names=models.names(), num_devices=jax.device_count(),
              num_processes=jax.process_count())
     try:
-        source = sources.get_source(config.dataset)
+        source = sources.get_source(config.dataset, config.data_dir or None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
     derived = derive(config, num_classes=source.num_classes,
                      num_train_examples=source.num_examples("train"),
                      num_eval_examples=source.num_examples("val"),
-                     num_devices=jax.device_count(), num_processes=jax.process_count())
+                     num_devices=jax.device_count(), num_processes=jax.process_count(),
+                     platform=jax.devices()[0].platform)
     return source, derived
 
 
@@ -153,13 +155,19 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
     """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
     learning_rate_fn = create_learning_rate_fn(config, derived)
     tx = create_optimizer(config, learning_rate_fn)
-    dtype = jnp.dtype(config.dtype)
+    dtype = jnp.dtype(derived.compute_dtype)
+
+    # Every mesh axis splits the batch, so the batch is cut over all the mesh's devices.
+    bn_groups = batchnorm_groups(config.batchnorm_group_size, mesh.devices.size)
 
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
-        return models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
-                             rngs=rngs, **config.model_options)
+        model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
+                              rngs=rngs, **config.model_options)
+        return set_batchnorm_groups(model, bn_groups)
 
-    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed)
+    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
+                                         dynamic_loss_scale=dtype == jnp.float16,
+                                         rules=ShardingRules.from_config(config))
     train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
                                 learning_rate_fn=learning_rate_fn,
                                 label_smoothing=config.label_smoothing, dtype=dtype)
@@ -170,11 +178,7 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
 def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,
              mesh) -> dict:
     """Exact metrics over the whole validation split, whatever the batch and device count."""
-    sharding = pipeline.Sharding(config.eval_batch_size, jax.process_index(), jax.process_count())
-    dataset = pipeline.eval_dataset(source, sharding, image_size=config.image_size,
-                                    crop_ratio=config.eval_crop_ratio)
-    batches = prefetch_to_device(dataset.as_numpy_iterator(), config.prefetch_batches,
-                                 functools.partial(make_global_batch, mesh=mesh))
+    batches = data_input.eval_batches(source, config, mesh)
     totals = None
     for batch in batches:
         metrics = eval_step(state, batch)
@@ -182,7 +186,15 @@ def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.Con
     totals = jax.device_get(totals)
     result = {k: float(v) for k, v in totals.compute().items() if k != "num_examples"}
     result["num_examples"] = int(totals.num_examples.count)
+    report_skipped(batches.take_report(), "evaluation (not counted in num_examples)")
     return result
+
+
+def report_skipped(skipped: dict[int, str], when: str) -> None:
+    """Logs the unreadable images this process skipped, with where each one lives."""
+    if skipped:
+        logging.warning("%s: skipped %d unreadable image(s) on process %d:\n  %s", when,
+                        len(skipped), jax.process_index(), "\n  ".join(skipped.values()))
 
 
 def check_writable(workdir: Path) -> None:

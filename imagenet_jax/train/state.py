@@ -4,12 +4,15 @@ The NNX model is split once into a static `GraphDef` (the architecture) and plai
 nested dicts of arrays (`params`, and `model_state` for everything else: BatchNorm
 statistics). Only the arrays flow through `jax.jit`, are donated, and are saved in
 checkpoints; the step rebuilds the module from them with `nnx.merge`.
+
+Where each array lives is `state_shardings`: replicated for pure data parallelism, or
+parameters and their optimizer state split over the mesh's `fsdp` axis by the rules of
+parallel/sharding.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax
 import jax
@@ -19,6 +22,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from imagenet_jax.parallel import replicated
+from imagenet_jax.train.loss_scale import LossScale
+from imagenet_jax.parallel.sharding import ShardingRules, follow_params, param_shardings
 
 
 @flax.struct.dataclass
@@ -28,6 +33,7 @@ class TrainState:
     model_state: dict        # every other variable (BatchNorm mean/var)
     opt_state: optax.OptState
     rng: jax.Array           # uint32[2] root key; step keys are fold_in(rng, step)
+    loss_scale: LossScale    # float16's dynamic loss scale; a constant 1 otherwise
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
@@ -36,12 +42,14 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 
 
 def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
-                       tx: optax.GradientTransformation, mesh: Mesh, seed: int
+                       tx: optax.GradientTransformation, mesh: Mesh, seed: int, *,
+                       rules: ShardingRules | None = None, dynamic_loss_scale: bool = False
                        ) -> tuple[nnx.GraphDef, TrainState]:
-    """Initialises the model and optimizer on the devices, replicated over `mesh`.
+    """Initialises the model and optimizer on the devices, laid out by `state_shardings`.
 
     `jax.jit(..., out_shardings=...)` makes every array where it will live: no
-    process ever holds an unsharded host copy of the parameters.
+    process ever holds an unsharded host copy of the parameters, nor, under fsdp, a
+    whole copy on any device.
     """
     root = jax.random.PRNGKey(seed)
     init_key, train_key = jax.random.split(root)
@@ -49,13 +57,30 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
     def init() -> TrainState:
         _, params, model_state = split_model(model_fn(nnx.Rngs(params=init_key)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          model_state=model_state, opt_state=tx.init(params), rng=train_key)
+                          model_state=model_state, opt_state=tx.init(params), rng=train_key,
+                          loss_scale=LossScale.create(dynamic_loss_scale))
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-    shardings = state_shardings(jax.eval_shape(init), mesh)
+    shardings = state_shardings(jax.eval_shape(init), mesh, rules)
     return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-    """Pure data parallelism: every array of the state replicated on every device."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def state_shardings(abstract_state: TrainState, mesh: Mesh,
+                    rules: ShardingRules | None = None) -> TrainState:
+    """The sharding of every array of the state, by `rules` (default: ShardingRules()).
+
+    Parameters follow the rules; optimizer state follows its parameters; BatchNorm
+    statistics, the step and the RNG key are replicated. Without an `fsdp` axis larger
+    than 1 and without overrides, everything is replicated: pure data parallelism.
+    """
+    rules = ShardingRules() if rules is None else rules
+    params = param_shardings(abstract_state.params, mesh, rules)
+    everywhere = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    return everywhere.replace(
+        params=params,
+        opt_state=follow_params(abstract_state.opt_state, abstract_state.params, params, mesh))
+
+
+def shardings_of(state: TrainState) -> TrainState:
+    """The shardings `state`'s arrays already have: a step compiled for them moves nothing."""
+    return jax.tree.map(lambda x: x.sharding, state)

@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from imagenet_jax.parallel import batch_sharding, replicated
-from imagenet_jax.train.state import TrainState, state_shardings
+from imagenet_jax.parallel.sharding import gather_params_first, is_sharded
+from imagenet_jax.train.state import TrainState, shardings_of
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -55,6 +56,9 @@ class TrainMetrics(clu_metrics.Collection):
     grad_norm: clu_metrics.Average.from_output("grad_norm")
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
     nonfinite_steps: Sum.from_output("nonfinite_steps")
+    skipped_examples: Sum.from_output("skipped_examples")  # unreadable images, masked out
+    loss_scale_overflows: Sum.from_output("loss_scale_overflows")  # float16 only
+    loss_scale: clu_metrics.LastValue.from_output("loss_scale")
 
 
 @flax.struct.dataclass
@@ -69,6 +73,11 @@ def normalize(images: jax.Array, dtype: jnp.dtype) -> jax.Array:
     mean = jnp.asarray(MEAN_RGB, jnp.float32)
     std = jnp.asarray(STDDEV_RGB, jnp.float32)
     return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def flip_left_right(images: jax.Array, flip: jax.Array) -> jax.Array:
+    """Mirrors the images whose `flip` is True: the host decides, the device does it."""
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -89,9 +98,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
                label_smoothing: float, dtype: jnp.dtype) -> tuple[TrainState, TrainMetrics]:
-    """One SGD update on a global batch. BatchNorm statistics span the whole batch."""
-    images = normalize(batch["image"], dtype)
-    labels = batch["label"]
+    """One SGD update on a global batch. BatchNorm statistics span the whole batch.
+
+    The loss is the mean over the batch's real examples (`mask`): an unreadable image
+    the pipeline skipped weighs nothing, and the mean is over the global batch on any
+    number of devices. In float16 the gradients come from the loss times
+    `state.loss_scale` (see loss_scale.py); an overflow skips the step and halves it.
+    """
+    scaling = jnp.dtype(dtype) == jnp.float16
+    scale = state.loss_scale.scale
+    images = normalize(flip_left_right(batch["image"], batch["flip"]), dtype)
+    labels, mask = batch["label"], batch["mask"]
+    num_real = jnp.maximum(jnp.sum(mask), 1)
+
+    def masked_mean(values):
+        return jnp.sum(jnp.where(mask, values, 0.0)) / num_real
 
     # A key per step, not a carried stream: resuming at step s redraws the same dropout masks.
     dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -104,38 +125,47 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         # losses enter the objective with the model's weights, never the metrics.
         logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, ())
         loss = cross_entropy(logits, labels, label_smoothing)
-        objective = loss.mean()
+        objective = masked_mean(loss)
         for weight, aux in zip(model.aux_loss_weights, aux_logits, strict=True):
-            objective += weight * cross_entropy(aux, labels, label_smoothing).mean()
+            objective += weight * masked_mean(cross_entropy(aux, labels, label_smoothing))
         new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-        return objective, (loss, logits, new_model_state)
+        scaled = objective * scale if scaling else objective
+        return scaled, (objective, loss, logits, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (objective, (loss, logits, model_state)), grads = grad_fn(state.params)
+    (_, (objective, loss, logits, model_state)), grads = grad_fn(state.params)
+    if scaling:
+        grads = jax.tree.map(lambda g: g / scale, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step leaves the state as it was: NaNs never reach a checkpoint. The
     # loop then stops the run or counts the skip (config.on_nonfinite).
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    # In float16 a non-finite gradient is first an overflow of the scale: not an alarm.
+    overflow = state.loss_scale.is_overflow(finite) if scaling else jnp.zeros((), bool)
     keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     # A skipped step counts in no average; the learning rate and the skip count are the
     # step's own, outside the mask.
-    average = functools.partial(clu_metrics.Average.from_model_output,
-                                mask=jnp.broadcast_to(finite, labels.shape))
+    average = functools.partial(clu_metrics.Average.from_model_output, mask=mask & finite)
     metrics = TrainMetrics.empty().replace(
         loss=average(loss),
         top1=average(topk_correct(logits, labels, 1)),
         top5=average(topk_correct(logits, labels, 5)),
-        grad_norm=average(jnp.broadcast_to(grad_norm, labels.shape)),
+        grad_norm=clu_metrics.Average.from_model_output(
+            jnp.broadcast_to(grad_norm, labels.shape), mask=jnp.broadcast_to(finite, labels.shape)),
         learning_rate=clu_metrics.LastValue.from_model_output(learning_rate_fn(state.step)),
-        nonfinite_steps=Sum.from_model_output((~finite).astype(jnp.int32)),
+        nonfinite_steps=Sum.from_model_output((~finite & ~overflow).astype(jnp.int32)),
+        skipped_examples=Sum.from_model_output((~mask).astype(jnp.int32)),
+        loss_scale_overflows=Sum.from_model_output(overflow.astype(jnp.int32)),
+        loss_scale=clu_metrics.LastValue.from_model_output(scale),
     )
     new_state = state.replace(
         step=state.step + 1,
         params=keep_finite(params, state.params),
         model_state=keep_finite(model_state, state.model_state),
         opt_state=keep_finite(opt_state, state.opt_state),
+        loss_scale=state.loss_scale.adjust(finite) if scaling else state.loss_scale,
     )
     return new_state, metrics
 
@@ -157,10 +187,17 @@ def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def jit_train_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
-    """`train_step` compiled for `mesh`: state replicated and donated, batch split on data."""
-    shardings = state_shardings(abstract_state, mesh)
+    """`train_step` compiled for `mesh`: state donated, batch split over the batch axes.
+
+    The state keeps the layout `abstract_state` has (its arrays' or shape structs'
+    shardings, from `create_train_state`): replicated, or fsdp-sharded by the rules.
+    """
+    shardings = shardings_of(abstract_state)
+    step = functools.partial(train_step, **step_kwargs)
+    if is_sharded(shardings.params):
+        step = gather_params_first(step, mesh, name=train_step.__name__)
     return jax.jit(
-        functools.partial(train_step, **step_kwargs),
+        step,
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
@@ -168,8 +205,13 @@ def jit_train_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Cal
 
 
 def jit_eval_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
+    """`eval_step` compiled for `mesh`, the state where `abstract_state` keeps it."""
+    shardings = shardings_of(abstract_state)
+    step = functools.partial(eval_step, **step_kwargs)
+    if is_sharded(shardings.params):
+        step = gather_params_first(step, mesh, name=eval_step.__name__)
     return jax.jit(
-        functools.partial(eval_step, **step_kwargs),
-        in_shardings=(state_shardings(abstract_state, mesh), batch_sharding(mesh)),
+        step,
+        in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )

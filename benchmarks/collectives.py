@@ -1,0 +1,102 @@
+"""The collectives of the compiled train step: count and bytes per device, by kind.
+
+Usage (8 fake CPU devices; ResNet-50 at 224 px takes a few minutes a layout on 2 cores):
+  .venv/bin/python benchmarks/collectives.py [MODEL] [IMAGE_SIZE] [LAYOUT ...]
+LAYOUT is `dp` (mesh data=8, global BatchNorm), `dp_bn1` (data=8, per-device BatchNorm)
+or `fsdp` (data=2, fsdp=4, the default fsdp_min_size). Default: resnet50 224 dp dp_bn1 fsdp.
+
+Bytes are the result shapes of the collectives in the compiled HLO (all-reduce: the
+array reduced; all-gather: the whole array gathered; reduce-scatter: its input), so
+"bytes" is the size of the arrays involved, not what a ring moves over a link.
+"""
+
+import collections
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=8")
+import jax  # noqa: E402
+
+from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
+from imagenet_jax.config import base_config  # noqa: E402
+from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
+from imagenet_jax.train import loop  # noqa: E402
+
+LAYOUTS = {"dp": ({"data": 8, "fsdp": 1}, 0), "dp_bn1": ({"data": 8, "fsdp": 1}, 1),
+           "fsdp": ({"data": 2, "fsdp": 4}, 0)}
+COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\S+|\(.*?\)) "
+                        r"(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\((.*)$",
+                        re.M)
+ARRAY = re.compile(r"\b(f32|bf16|f16|s32|u32|pred)\[([0-9,]*)\]")
+ITEM_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
+
+
+def stub_dataset(root: Path) -> str:
+    """1000 one-file class folders: plan() reads the class count, synthetic batches the rest."""
+    for split in ("train", "val"):
+        for c in range(1000):
+            (root / split / f"c{c:04d}").mkdir(parents=True)
+            (root / split / f"c{c:04d}" / "x.JPEG").touch()
+    return f"folder:{root}"
+
+
+def nbytes(shapes: str) -> int:
+    return sum(ITEM_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+               for t, dims in ARRAY.findall(shapes))
+
+
+def compiled_step(dataset: str, model: str, image_size: int, layout: str):
+    mesh_sizes, group_size = LAYOUTS[layout]
+    config = base_config()
+    config.update(model=model, dataset=dataset, image_size=image_size, batch_size=16,
+                  eval_batch_size=16, batchnorm_group_size=group_size)
+    config.mesh.update(mesh_sizes)
+    _, derived = loop.plan(config)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = loop.build(config, derived, mesh)
+    batch = next(synthetic_batches(config, derived, mesh))
+    param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(run.state.params))
+    return run.train_step.lower(run.state, batch).compile().as_text(), param_bytes
+
+
+def summary(hlo: str, param_bytes: int) -> None:
+    by_kind = collections.defaultdict(list)
+    for shape, kind, rest in COLLECTIVE.findall(hlo):
+        # A reduce-scatter's input, not its (1/n) result, is the array reduced.
+        by_kind[kind].append(nbytes(rest.split(")")[0]) if kind == "reduce-scatter"
+                             else nbytes(shape))
+    print(f"  parameter bytes {param_bytes:,}")
+    for kind, sizes in sorted(by_kind.items()):
+        sizes.sort(reverse=True)
+        small = [s for s in sizes if s < 1 << 20]
+        print(f"  {kind}: {len(sizes)} ops, {sum(sizes):,} B "
+              f"({sum(sizes) / param_bytes:.4f} x parameter bytes); largest {sizes[:3]}; "
+              f"{len(small)} under 1 MiB totalling {sum(small):,} B")
+
+
+def main(argv: list[str]) -> None:
+    model = argv[1] if len(argv) > 1 else "resnet50"
+    image_size = int(argv[2]) if len(argv) > 2 else 224
+    layouts = argv[3:] or list(LAYOUTS)
+    root = Path(tempfile.mkdtemp())
+    try:
+        dataset = stub_dataset(root)
+        for layout in layouts:
+            start = time.perf_counter()
+            hlo, param_bytes = compiled_step(dataset, model, image_size, layout)
+            print(f"{model} {image_size} px, batch 16 on 8 devices, {layout} "
+                  f"{LAYOUTS[layout]} ({time.perf_counter() - start:.0f} s):")
+            summary(hlo, param_bytes)
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,176 @@
+"""`bench input`: how fast the input pipeline delivers, against the floors of its hardware.
+
+`bench_input(config)` times, on the same examples (the first `batches` global batches
+of training) and with the same tf.data parallelism and options:
+
+  images_per_sec             the train pipeline: uint8 batches in host memory;
+  device_images_per_sec      the same, then assembled as global arrays on the devices
+                             with `prefetch_batches` transfers in flight, as the train
+                             loop sees it (each batch waited for);
+  eval_images_per_sec        the eval pipeline (centre crop) over as many examples;
+  floor_read_images_per_sec  read every file's bytes, nothing else;
+  floor_decode_images_per_sec  read and fully decode every file to RGB uint8 with
+                             `tf.io.decode_jpeg`, yielding only the decoded shape.
+
+Each figure is the median of `repeats` timed passes after `warmup` untimed ones
+(which also bring the files into the page cache: this measures the CPU, not the
+disk). The passes go round-robin over the measurements, so slow spells of a shared
+machine fall on all of them alike and the ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from imagenet_jax.config import ConfigError
+from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data.sources import Source
+from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
+from imagenet_jax.train import loop
+
+
+def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats: int = 3,
+                warmup: int = 1) -> dict[str, Any]:
+    """Measures the configured input pipeline and its floors; returns a flat dict."""
+    if batches < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError(f"bench input needs batches >= 1, repeats >= 1, warmup >= 0; got "
+                          f"{batches}, {repeats}, {warmup}")
+    source, derived = loop.plan(config)
+    if isinstance(source, synthetic.SyntheticSource):
+        raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "
+                          "on the devices; choose a folder:, tfds: or demo dataset")
+    mesh = mesh_from_shape(derived.mesh_shape)
+    sharding = pipeline.Sharding(config.batch_size, jax.process_index(), jax.process_count())
+    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
+                              tuple(config.crop_aspect_ratio))
+    examples = pipeline.train_examples(source, sharding, config.seed)
+    indices = np.array([i for _, i in examples.take(batches * sharding.local_batch_size)
+                        .as_numpy_iterator()])
+    num_images = len(indices)
+
+    def train_host() -> Iterator[dict]:
+        ds = pipeline.train_dataset(source, sharding, image_size=spec.image_size, seed=spec.seed,
+                                    crop_scale=spec.crop_scale, crop_ratio=spec.crop_ratio)
+        return ds.take(batches).as_numpy_iterator()
+
+    def train_device() -> Iterator[dict]:
+        return prefetch_to_device(train_host(), config.prefetch_batches,
+                                  functools.partial(make_global_batch, mesh=mesh))
+
+    def eval_host() -> Iterator[dict]:
+        eval_sharding = pipeline.Sharding(config.batch_size, sharding.process_index,
+                                          sharding.process_count)
+        ds = pipeline.eval_dataset(source, eval_sharding, image_size=config.image_size,
+                                   crop_ratio=config.eval_crop_ratio)
+        return ds.take(batches).as_numpy_iterator()
+
+    measurements: dict[str, tuple[Callable[[], Iterator], int]] = {
+        "images_per_sec": (train_host, num_images),
+        "device_images_per_sec": (train_device, num_images),
+        "eval_images_per_sec": (eval_host, min(num_images, _eval_images(source, sharding,
+                                                                          batches))),
+        "floor_read_images_per_sec": (functools.partial(floor_dataset, source, indices,
+                                                        read_only=True), num_images),
+        "floor_decode_images_per_sec": (functools.partial(floor_dataset, source, indices,
+                                                          read_only=False), num_images),
+    }
+    seconds = {name: [] for name in measurements}
+    rss_mb = []
+    for repeat in range(warmup + repeats):
+        for name, (make, _) in measurements.items():
+            elapsed = time_pass(make, block=name == "device_images_per_sec")
+            if repeat >= warmup:
+                seconds[name].append(elapsed)
+        rss_mb.append(host_memory_mb()["host_rss_mb"])
+
+    result = describe(config, source, sharding, indices, batches, repeats, warmup)
+    for name, (_, count) in measurements.items():
+        result[name] = count / float(np.median(seconds[name]))
+    result["images_per_sec_runs"] = [num_images / s for s in seconds["images_per_sec"]]
+    result["vs_floor_decode"] = result["images_per_sec"] / result["floor_decode_images_per_sec"]
+    result["device_vs_host"] = result["device_images_per_sec"] / result["images_per_sec"]
+    result.update(host_memory_mb())
+    result["host_rss_mb_after_each_round"] = rss_mb  # flat when memory is bounded
+    return result
+
+
+def _eval_images(source: Source, sharding: pipeline.Sharding, batches: int) -> int:
+    return min(batches, pipeline.num_eval_batches(source, "val", sharding.global_batch_size)
+               ) * sharding.local_batch_size
+
+
+def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool) -> Iterator:
+    """The floors: the same examples read (and decoded whole), with the pipeline's options."""
+    read = source.read("train")
+
+    def read_bytes(index):
+        return tf.strings.length(read(index)[0])
+
+    def decode(index):
+        image_bytes = read(index)[0]
+        image = tf.cond(tf.io.is_jpeg(image_bytes),
+                        lambda: tf.io.decode_jpeg(image_bytes, channels=3),
+                        lambda: tf.io.decode_image(image_bytes, channels=3,
+                                                   expand_animations=False))
+        return tf.shape(image)
+
+    ds = tf.data.Dataset.from_tensor_slices(indices)
+    ds = ds.map(read_bytes if read_only else decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline.dataset_options())
+    return ds.as_numpy_iterator()
+
+
+def time_pass(make: Callable[[], Iterator], *, block: bool) -> float:
+    """Seconds to build the iterator and drain it (waiting for each device batch if `block`)."""
+    start = time.perf_counter()
+    for item in make():
+        if block:
+            jax.block_until_ready(item)
+    return time.perf_counter() - start
+
+
+def describe(config: ml_collections.ConfigDict, source: Source, sharding: pipeline.Sharding,
+             indices: np.ndarray, batches: int, repeats: int, warmup: int) -> dict[str, Any]:
+    return {
+        "dataset": config.dataset,
+        "image_size": config.image_size,
+        "global_batch_size": sharding.global_batch_size,
+        "processes": sharding.process_count,
+        "images_per_pass": len(indices),
+        "distinct_images": len(np.unique(indices)),
+        "mean_file_kb": mean_file_kb(source, indices[:200]),
+        "batches": batches,
+        "repeats": repeats,
+        "warmup": warmup,
+        "host_cpus": os.cpu_count(),
+        "tensorflow_version": tf.__version__,
+    }
+
+
+def mean_file_kb(source: Source, indices: np.ndarray) -> float:
+    read = source.read("train")
+    sizes = [int(tf.strings.length(read(tf.constant(i, tf.int64))[0])) for i in indices]
+    return float(np.mean(sizes)) / 1e3
+
+
+def host_memory_mb() -> dict[str, float]:
+    """Resident memory now (after every pass: steady state) and the process's peak."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
+    try:
+        with open("/proc/self/statm") as statm:
+            rss_bytes = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak is all there is
+        rss_bytes = peak_bytes
+    return {"host_rss_mb": rss_bytes / 2**20, "host_peak_rss_mb": peak_bytes / 2**20}

@@ -1,0 +1,68 @@
+"""Global batches on the devices, as the train loop and the evaluator consume them.
+
+For files (a folder, TFDS) each process runs its tf.data pipeline, the slices become
+global arrays with `jax.make_array_from_process_local_data`, and `prefetch_batches`
+transfers stay in flight ahead of the step. For `synthetic` the batches are made on
+the devices. Either way the loop sees one iterator of global batches, and
+`take_report()` lists the unreadable images skipped since the last call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data.sources import Source
+from imagenet_jax.parallel import make_global_batch, prefetch_to_device
+
+
+class DeviceBatches(Iterator[dict]):
+    """Global batches, and the report of the examples skipped on the way."""
+
+    def __init__(self, batches: Iterator[dict], skipping: pipeline.SkippingBatches | None):
+        self._batches, self._skipping = batches, skipping
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def take_report(self) -> dict[int, str]:
+        """This process's unreadable examples since the last report: index -> where."""
+        return self._skipping.take_report() if self._skipping else {}
+
+
+def _process_sharding(global_batch_size: int) -> pipeline.Sharding:
+    return pipeline.Sharding(global_batch_size, jax.process_index(), jax.process_count())
+
+
+def _to_devices(batches: Iterator[dict], mesh: Mesh, prefetch: int) -> Iterator[dict]:
+    return prefetch_to_device(batches, prefetch, functools.partial(make_global_batch, mesh=mesh))
+
+
+def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
+                  start_step: int = 0) -> DeviceBatches:
+    """Endless global training batches from `start_step` on."""
+    if isinstance(source, synthetic.SyntheticSource):
+        return DeviceBatches(synthetic.train_batches(
+            source, mesh, config.batch_size, config.image_size, config.seed, start_step), None)
+    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
+                              tuple(config.crop_aspect_ratio))
+    host = pipeline.skipping_train_batches(source, _process_sharding(config.batch_size), spec,
+                                           start_step)
+    return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
+
+
+def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
+                 split: str = "val") -> DeviceBatches:
+    """Every example of `split` once, in whole global batches with a mask."""
+    if isinstance(source, synthetic.SyntheticSource):
+        return DeviceBatches(synthetic.eval_batches(
+            source, mesh, config.eval_batch_size, config.image_size, config.seed), None)
+    host = pipeline.skipping_eval_batches(
+        source, _process_sharding(config.eval_batch_size), split=split,
+        image_size=config.image_size, crop_ratio=config.eval_crop_ratio)
+    return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)

@@ -1,0 +1,173 @@
+"""A prepared TensorFlow Datasets image-classification dataset as a `sources.Source`.
+
+Random access by index needs the dataset's ArrayRecord files: a record is read in
+Python (through `tf.numpy_function`) and parsed in the graph with the images left
+encoded, so decoding stays in our pipeline like for any other source. TFRecord files
+have no random access; such a dataset must be converted or prepared again.
+
+The splits are "train" and "val"; "val" is the dataset's 'validation' split, or its
+'test' split when it has no 'validation'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+SPLITS = ("train", "val")
+IMAGENET = "imagenet2012"
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """The train and val splits of a prepared TFDS dataset; labels are its ClassLabel ids."""
+
+    name: str
+    class_names: tuple[str, ...]
+    split_names: dict[str, str]   # "train"/"val" -> the dataset's own split name
+    sizes: dict[str, int]         # "train"/"val" -> number of examples
+    image_key: str
+    label_key: str
+    features: Any                 # tfds.features.FeaturesDict: parses a record in-graph
+    records: dict[str, Any]       # "train"/"val" -> random-access serialized records
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def num_examples(self, split: str) -> int:
+        return self.sizes[split]
+
+    def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+        records = self.records[split]
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}  # keep the encoded bytes
+
+        def read_record(index: np.ndarray) -> bytes:
+            return records[int(index)]
+
+        def read_example(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            # Reading a file at a fixed index always gives the same bytes: not stateful,
+            # so tf.data may reorder and parallelise it freely.
+            serialized = tf.numpy_function(read_record, [index], tf.string, stateful=False)
+            serialized.set_shape([])
+            example = self.features.deserialize_example(serialized, decoders=decoders)
+            return example[self.image_key], tf.cast(example[self.label_key], tf.int32)
+
+        return read_example
+
+    def describe(self, split: str, index: int) -> str:
+        """E.g. 'imagenet2012 train[123] n01440764_10026.JPEG': the TFDS slice syntax,
+        then the file name when the dataset records one."""
+        where = f"{self.name} {self.split_names[split]}[{index}]"
+        if "file_name" not in self.features:
+            return where
+        example = tf.train.Example.FromString(self.records[split][index])
+        values = example.features.feature["file_name"].bytes_list.value
+        return f"{where} {values[0].decode()}" if values else where
+
+
+def open_tfds(name: str, data_dir: str | None = None) -> TfdsSource:
+    """Opens the prepared dataset `name` under `data_dir` (TFDS's default when None).
+
+    Raises:
+      ValueError: unknown dataset, not image classification, no train/val splits, or
+        prepared without random access (TFRecord).
+      FileNotFoundError: the dataset is not prepared under `data_dir`, with how to.
+    """
+    builder = _builder(name, data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(_not_prepared_message(name, builder))
+    _require_random_access(name, builder)
+    info = builder.info
+    image_key, label_key = _feature_keys(name, info)
+    split_names = _split_names(name, info)
+    records = {split: builder.as_data_source(
+        split_names[split], file_format="array_record",
+        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES) for split in SPLITS}
+    return TfdsSource(
+        name=name, class_names=tuple(info.features[label_key].names), split_names=split_names,
+        sizes={split: info.splits[split_names[split]].num_examples for split in SPLITS},
+        image_key=image_key, label_key=label_key, features=info.features, records=records)
+
+
+def _builder(name: str, data_dir: str | None):
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown TFDS dataset {name!r}{hint} (tfds.list_builders() lists "
+                         "the known names)") from None
+
+
+def _not_prepared_message(name: str, builder) -> str:
+    data_dir = builder.data_dir_root
+    if _is_imagenet(name):
+        how = ("prepare it from the manual download with `imagenet-jax prepare "
+               f"--manual_dir=DIR_WITH_THE_TARS --data_dir={data_dir}`")
+    else:
+        how = ("prepare it in ArrayRecord format with `python -c \"import tensorflow_datasets "
+               f"as tfds; tfds.builder('{name}', data_dir='{data_dir}')"
+               ".download_and_prepare(file_format='array_record')\"` (or `tfds build "
+               f"{name} --data_dir={data_dir} --file_format=array_record`, whose CLI needs "
+               "apache-beam installed)")
+    return f"TFDS dataset {name!r} is not prepared in {data_dir}; {how}"
+
+
+def _require_random_access(name: str, builder) -> None:
+    formats = builder.info.available_file_formats()
+    if tfds.core.FileFormat.ARRAY_RECORD in formats:
+        return
+    stored = ", ".join(sorted(f.value for f in formats)) or "an unknown format"
+    remedy = ("prepare it again into another data_dir with `imagenet-jax prepare` (it writes "
+              "array_record)" if _is_imagenet(name) else
+              f"prepare it again with tfds.builder('{name}', data_dir=OTHER_DIR)"
+              ".download_and_prepare(file_format='array_record')")
+    raise ValueError(
+        f"TFDS dataset {name!r} in {builder.data_dir} is stored as {stored}, which has no "
+        "random access; it needs array_record. Convert it in place with `pip install "
+        f"apache-beam` then `tfds convert_format --dataset_version_dir={builder.data_dir} "
+        f"--out_file_format=array_record`, or {remedy}")
+
+
+def _is_imagenet(name: str) -> bool:
+    """'imagenet2012', also with a config or version: 'imagenet2012:5.1.0'."""
+    return name.partition(":")[0].partition("/")[0] == IMAGENET
+
+
+def _feature_keys(name: str, info) -> tuple[str, str]:
+    """(image key, label key): the supervised keys, else the first Image and ClassLabel."""
+    features = info.features
+    keys = info.supervised_keys
+    if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        image_key = _first_key(features, tfds.features.Image)
+        label_key = _first_key(features, tfds.features.ClassLabel)
+    if label_key is None or not isinstance(features[label_key], tfds.features.ClassLabel):
+        raise ValueError(f"TFDS dataset {name!r} is not an image-classification dataset: its "
+                         f"label {label_key!r} is not a ClassLabel; features: {list(features)}")
+    image = features[image_key] if image_key in features else None
+    if not isinstance(image, tfds.features.Image) or image.np_dtype != np.uint8:
+        raise ValueError(f"TFDS dataset {name!r} is not an image-classification dataset: "
+                         f"{image_key!r} is not a uint8 Image; features: {list(features)}")
+    return image_key, label_key
+
+
+def _first_key(features, feature_type) -> str | None:
+    return next((k for k, f in features.items() if isinstance(f, feature_type)), None)
+
+
+def _split_names(name: str, info) -> dict[str, str]:
+    available = set(info.splits)
+    val = next((s for s in ("validation", "test") if s in available), None)
+    if "train" not in available or val is None:
+        raise ValueError(f"TFDS dataset {name!r} needs a 'train' split and a 'validation' or "
+                         f"'test' split; it has {sorted(available)}")
+    return {"train": "train", "val": val}

@@ -1,0 +1,98 @@
+"""Layers shared by the model families: BatchNorm with per-group batch statistics.
+
+Large-batch recipes (Goyal et al. 2017; the MLPerf ResNet-50 references) compute BatchNorm
+statistics over the examples of a few devices, not the whole global batch: the
+statistics then cost no collective in the forward pass, and the per-group batch stays
+the size the recipe was tuned at however many devices run it. `BatchNorm` here is
+`nnx.BatchNorm` (same variables and names: `scale`, `bias`, `mean`, `var`, so
+checkpoints and the torchvision mappings are unchanged) with a `num_groups` attribute:
+
+- 1 (the default): exactly `nnx.BatchNorm`: statistics over the whole (global) batch.
+  Under `jax.jit` on a sharded batch, XLA all-reduces them across the devices.
+- G > 1, in training: the batch is cut into G equal consecutive blocks and each block is
+  normalised with its own mean and variance. The batch is laid out block by block over
+  the devices (parallel/mesh.py), so with G = devices / N a block is the examples of N
+  consecutive devices, and with N = 1 normalising needs no communication at all. The
+  running averages move towards the mean over the groups of the per-group statistics:
+  one all-reduce of 2 x C floats per layer, which nothing downstream in the step waits
+  for, so XLA may overlap it with the rest of the step.
+
+Evaluation (`use_running_average`) is the same for every G.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+# flax's own statistics and normalisation, so that a group is normalised exactly as
+# nnx.BatchNorm would normalise a batch of that group's examples.
+from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _normalize
+
+
+class BatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` whose training statistics cover `num_groups` blocks of the batch apart."""
+
+    def __init__(self, num_features: int, *, num_groups: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_groups = num_groups
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if running or self.num_groups == 1:
+            return super().__call__(x, use_running_average, mask=mask)
+        if mask is not None:
+            raise ValueError("BatchNorm with num_groups > 1 does not take a mask")
+        return self._grouped(x)
+
+    def _grouped(self, x: jax.Array) -> jax.Array:
+        """Normalises each of `num_groups` blocks of the batch with its own statistics."""
+        groups = self.num_groups
+        if x.shape[0] % groups:
+            raise ValueError(f"BatchNorm: a batch of {x.shape[0]} does not split into "
+                             f"{groups} groups")
+        grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        # Axis 0 is the group: features and the group keep their own statistics.
+        feature_axes = tuple(a + 1 for a in _canonicalize_axes(x.ndim, self.axis))
+        reduction_axes = tuple(a for a in range(1, grouped.ndim) if a not in feature_axes)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        grouped, _, _, scale, bias = self.promote_dtype(
+            (grouped, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        mean, var = _compute_stats(grouped, reduction_axes, dtype=self.dtype,
+                                   use_fast_variance=self.use_fast_variance)
+        self._update_running_averages(mean.mean(axis=0), var.mean(axis=0))
+        y = _normalize(grouped, mean, var, scale, bias, reduction_axes, feature_axes,
+                       self.dtype, self.epsilon)
+        return y.reshape(x.shape)
+
+    def _update_running_averages(self, mean: jax.Array, var: jax.Array) -> None:
+        momentum = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
+
+
+def batchnorm_groups(group_size: int, num_batch_devices: int) -> int:
+    """How many groups `batchnorm_group_size` makes of the batch: 0 means one (global)."""
+    if group_size == 0:
+        return 1
+    if group_size < 0 or num_batch_devices % group_size:
+        raise ValueError(f"batchnorm group size {group_size} does not divide "
+                         f"{num_batch_devices} devices")
+    return num_batch_devices // group_size
+
+
+def set_batchnorm_groups(model: nnx.Module, num_groups: int) -> nnx.Module:
+    """Sets `num_groups` on every BatchNorm of `model` (in place) and returns it.
+
+    A model still built on plain `nnx.BatchNorm` cannot group its statistics: with
+    num_groups > 1 that is an error, not a silent fall-back to global statistics.
+    """
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, BatchNorm):
+            module.num_groups = num_groups
+        elif isinstance(module, nnx.BatchNorm) and num_groups > 1:
+            raise TypeError(f"{'/'.join(map(str, path))} is an nnx.BatchNorm; use "
+                            "imagenet_jax.models.layers.BatchNorm to group its statistics")
+    return model

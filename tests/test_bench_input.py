@@ -1,0 +1,39 @@
+"""`bench input`: the pipeline's figures and both floors, measured on the same files."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, subprocess_env
+
+FIELDS = ("images_per_sec", "device_images_per_sec", "eval_images_per_sec",
+          "floor_read_images_per_sec", "floor_decode_images_per_sec", "host_rss_mb")
+
+
+def test_bench_input_prints_json_with_pipeline_and_floors(tiny_dataset):
+    result = subprocess.run(
+        [sys.executable, "-m", "imagenet_jax", "bench", "input", f"--config={REPO}/configs/demo.py",
+         f"--config.dataset=folder:{tiny_dataset}", "--config.batch_size=16",
+         "--config.image_size=32", "--steps=3", "--repeats=3", "--json"],
+        cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for field in FIELDS:
+        assert figures[field] > 0, field
+    assert figures["images_per_pass"] == 3 * 16 and figures["repeats"] == 3
+    assert len(figures["images_per_sec_runs"]) == 3
+    # The median of the runs is the figure reported.
+    runs = sorted(figures["images_per_sec_runs"])
+    assert abs(figures["images_per_sec"] - runs[1]) <= 1e-6 * runs[1]
+    assert figures["vs_floor_decode"] == (figures["images_per_sec"]
+                                          / figures["floor_decode_images_per_sec"])
+    # Reading bytes is cheaper than reading and decoding them, whatever the noise.
+    assert figures["floor_read_images_per_sec"] > figures["floor_decode_images_per_sec"]
+
+
+def test_bench_input_refuses_synthetic_data():
+    result = subprocess.run(
+        [sys.executable, "-m", "imagenet_jax", "bench", "input", "--config.dataset=synthetic"],
+        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "has no input pipeline to measure" in result.stderr
