@@ -9,8 +9,9 @@
       the native resolution, native resolution. --json prints a JSON list instead.
   imagenet-jax bench train [--mode=synthetic|pipeline] [--steps=20] [--warmup_steps=3]
                            [--config=...] [--config.FIELD=VALUE ...] [--json]
-      Times the configured model's train step: compile time, step time (median, p10,
-      p90), images/s, TFLOP/s from XLA's cost analysis, a dense-matmul rate measured in
+      Times the configured model's train step: compile time cold (a fresh compilation
+      cache unless --compilation_cache_dir is given) and warm (a restarted run's, from
+      that cache), step time (median, p10, p90), images/s, TFLOP/s from XLA's cost analysis, a dense-matmul rate measured in
       the same run and their ratio (MFU), peak memory. --mode=pipeline feeds the real
       input pipeline instead of one synthetic batch. --json prints one JSON object.
   imagenet-jax bench scaling [--device_counts=1,2,4,8] [--steps=20] [--warmup_steps=3]
@@ -43,9 +44,12 @@ detected cluster.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging as std_logging
 import os
+import shutil
+import tempfile
 import sys
 from pathlib import Path
 
@@ -114,10 +118,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return []
 
 
-def _use_compilation_cache() -> None:
+def _use_compilation_cache(fresh: bool = False) -> None:
+    """Turns the persistent compilation cache on. `fresh` (bench train, without an explicit
+    --compilation_cache_dir): a new empty directory, so the first compile is really cold
+    and the second, warm one is a restarted run's, whatever was cached before."""
     import jax
 
     directory = FLAGS.compilation_cache_dir
+    if directory is None and fresh:
+        directory = tempfile.mkdtemp(prefix="imagenet_jax_bench_xla.")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if directory is None:
         directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
             Path.home() / ".cache" / "imagenet_jax" / "xla")
@@ -197,7 +208,7 @@ def bench(argv: list[str]) -> None:
     _join_job()
     import jax
 
-    _use_compilation_cache()
+    _use_compilation_cache(fresh=argv[1] == "train")
     from imagenet_jax.bench import bench_input, bench_train, format_table
     from imagenet_jax.config import ConfigError
 

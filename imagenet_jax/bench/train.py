@@ -9,6 +9,7 @@ process, their ratio (MFU) and peak memory. Every config override applies, so
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import resource
@@ -68,7 +69,11 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
 
     state = run.state
     first_batch = next(batches)
-    step_fn, compile_s = compile_step(run.train_step, state, first_batch)
+    with count_cache_hits() as hits:
+        step_fn, compile_s = compile_step(run.train_step, state, first_batch)
+    compile_cache_hit = hits[0] > 0
+    with count_cache_hits() as warm_hits:
+        compile_warm_s = warm_compile_seconds(config, derived, mesh, first_batch)
     flops_per_device = compiled_flops(step_fn)
     batches = itertools.chain([first_batch], batches)
     del first_batch
@@ -82,6 +87,9 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     matmul = measure_matmul(mesh, jnp.dtype(derived.compute_dtype), matmul_size)
     result = describe_run(config, derived, mesh, mode, warmup_steps, steps)
     result["compile_s"] = compile_s
+    result["compile_cache_hit"] = compile_cache_hit  # True: compile_s was already warm
+    result["compile_warm_s"] = compile_warm_s
+    result["compile_warm_cache_hit"] = warm_hits[0] > 0  # False: compile_warm_s is not warm
     result.update(step_figures(step_seconds, config.batch_size))
     result.update(flop_figures(flops_per_device, derived.num_devices,
                                result["step_time_ms"] / 1e3, matmul))
@@ -136,6 +144,35 @@ def compile_step(train_step: Callable, state: Any, batch: dict) -> tuple[Callabl
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     return compiled, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def count_cache_hits() -> Iterator[list[int]]:
+    """Counts persistent compilation cache hits inside the block: [hits]."""
+    hits = [0]
+
+    def listen(event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits[0] += 1
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+
+
+def warm_compile_seconds(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh,
+                         batch: dict) -> float | None:
+    """The compile time of a restarted run: a new train step, built as a new process would,
+    whose compilation the persistent cache (written by the first) answers. None when no
+    persistent cache is on."""
+    if not jax.config.jax_compilation_cache_dir:
+        return None
+    again = loop.build(config, derived, mesh)
+    start = time.perf_counter()
+    again.train_step.lower(again.state, batch).compile()
+    return time.perf_counter() - start
 
 
 def compiled_flops(compiled: Any) -> float | None:
