@@ -49,8 +49,8 @@ import json
 import logging as std_logging
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 from absl import app, flags, logging

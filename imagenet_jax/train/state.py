@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from imagenet_jax.parallel import replicated
-from imagenet_jax.train.loss_scale import LossScale
 from imagenet_jax.parallel.sharding import ShardingRules, follow_params, param_shardings
+from imagenet_jax.train.loss_scale import LossScale
 
 
 @flax.struct.dataclass
