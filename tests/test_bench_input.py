@@ -25,8 +25,8 @@ def test_bench_input_prints_json_with_pipeline_and_floors(tiny_dataset):
     # The median of the runs is the figure reported.
     runs = sorted(figures["images_per_sec_runs"])
     assert abs(figures["images_per_sec"] - runs[1]) <= 1e-6 * runs[1]
-    assert figures["vs_floor_decode"] == (figures["images_per_sec"]
-                                          / figures["floor_decode_images_per_sec"])
+    # Ratios are medians of per-round ratios.
+    assert figures["vs_floor_decode"] == sorted(figures["vs_floor_decode_runs"])[1]
     # Reading bytes is cheaper than reading and decoding them, whatever the noise.
     assert figures["floor_read_images_per_sec"] > figures["floor_decode_images_per_sec"]
 

@@ -7,15 +7,16 @@ of training) and with the same tf.data parallelism and options:
   device_images_per_sec      the same, then assembled as global arrays on the devices
                              with `prefetch_batches` transfers in flight, as the train
                              loop sees it (each batch waited for);
-  eval_images_per_sec        the eval pipeline (centre crop) over as many examples;
+  eval_images_per_sec        the eval pipeline (centre crop) on the same files;
   floor_read_images_per_sec  read every file's bytes, nothing else;
   floor_decode_images_per_sec  read and fully decode every file to RGB uint8 with
                              `tf.io.decode_jpeg`, yielding only the decoded shape.
 
 Each figure is the median of `repeats` timed passes after `warmup` untimed ones
 (which also bring the files into the page cache: this measures the CPU, not the
-disk). The passes go round-robin over the measurements, so slow spells of a shared
-machine fall on all of them alike and the ratios stay meaningful.
+disk). The passes go round-robin over the measurements, and the ratios
+(`vs_floor_decode`, `device_vs_host`) are medians of the ratios within each round, so
+a slow spell of a shared machine falls on both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -68,18 +69,16 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
         return prefetch_to_device(train_host(), config.prefetch_batches,
                                   functools.partial(make_global_batch, mesh=mesh))
 
-    def eval_host() -> Iterator[dict]:
-        eval_sharding = pipeline.Sharding(config.batch_size, sharding.process_index,
-                                          sharding.process_count)
-        ds = pipeline.eval_dataset(source, eval_sharding, image_size=config.image_size,
+    def eval_host() -> Iterator[dict]:  # eval preprocessing, on training files: same count
+        ds = pipeline.eval_dataset(source, sharding, split="train", image_size=config.image_size,
                                    crop_ratio=config.eval_crop_ratio)
         return ds.take(batches).as_numpy_iterator()
 
     measurements: dict[str, tuple[Callable[[], Iterator], int]] = {
         "images_per_sec": (train_host, num_images),
         "device_images_per_sec": (train_device, num_images),
-        "eval_images_per_sec": (eval_host, min(num_images, _eval_images(source, sharding,
-                                                                          batches))),
+        "eval_images_per_sec": (eval_host, sharding.local_batch_size * min(
+            batches, pipeline.num_eval_batches(source, "train", sharding.global_batch_size))),
         "floor_read_images_per_sec": (functools.partial(floor_dataset, source, indices,
                                                         read_only=True), num_images),
         "floor_decode_images_per_sec": (functools.partial(floor_dataset, source, indices,
@@ -98,16 +97,22 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     for name, (_, count) in measurements.items():
         result[name] = count / float(np.median(seconds[name]))
     result["images_per_sec_runs"] = [num_images / s for s in seconds["images_per_sec"]]
-    result["vs_floor_decode"] = result["images_per_sec"] / result["floor_decode_images_per_sec"]
-    result["device_vs_host"] = result["device_images_per_sec"] / result["images_per_sec"]
+    # Ratios are taken within each round, then the median: a slow spell of a shared
+    # machine that spans a round slows both sides of its ratio alike.
+    result.update(round_ratios(seconds, "images_per_sec", "floor_decode_images_per_sec",
+                               "vs_floor_decode"))
+    result.update(round_ratios(seconds, "device_images_per_sec", "images_per_sec",
+                               "device_vs_host"))
     result.update(host_memory_mb())
     result["host_rss_mb_after_each_round"] = rss_mb  # flat when memory is bounded
     return result
 
 
-def _eval_images(source: Source, sharding: pipeline.Sharding, batches: int) -> int:
-    return min(batches, pipeline.num_eval_batches(source, "val", sharding.global_batch_size)
-               ) * sharding.local_batch_size
+def round_ratios(seconds: dict[str, list[float]], numerator: str, denominator: str,
+                 name: str) -> dict[str, Any]:
+    """Rate `numerator` / rate `denominator` in each round (same images), and the median."""
+    ratios = [d / n for n, d in zip(seconds[numerator], seconds[denominator], strict=True)]
+    return {name: float(np.median(ratios)), f"{name}_runs": ratios}
 
 
 def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool) -> Iterator:
