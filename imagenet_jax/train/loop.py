@@ -94,7 +94,10 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             buffer.add(step, metrics)
             report_progress(step)
             is_last = step == derived.num_train_steps
-            if step % config.log_every_steps == 0 or is_last:
+            # Step 1 is logged on its own: the initial loss (about ln(classes)) at once, and
+            # the one loss that every device and process count reproduces exactly, before
+            # rounding differences in the gradient sums start to compound.
+            if step % config.log_every_steps == 0 or is_last or step == 1:
                 train_metrics = buffer.drain()
                 now = time.perf_counter()
                 images = (step - last_log_step) * config.batch_size
