@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -169,7 +170,8 @@ def test_unreadable_images_are_masked_not_dropped(bad_dataset):
     skipping = pipeline.skipping_train_batches(source, sharding, spec)
     got = [next(skipping) for _ in range(steps)]
     png = source.files["train"].tolist().index(paths["png"])
-    repairs = pipeline.Repairs({png: _jpeg_of(paths["png"])}, frozenset(bad))
+    repairs = pipeline.Repairs({png: _jpeg_of(paths["png"])}, frozenset(bad),
+                               labels={png: int(source.labels["train"][png])})
     told = pipeline.train_dataset(source, sharding, image_size=16, seed=1, crop_scale=(0.35, 1),
                                   repairs=repairs).as_numpy_iterator()
     skipped = 0
@@ -234,3 +236,21 @@ def test_synthetic_source_and_batches():
     assert int(np.max(first["label"])) < 10
     evals = list(synthetic.eval_batches(source, mesh, 16, 8, seed=0))
     assert sum(int(b["mask"].sum()) for b in evals) == 20
+
+
+def test_a_file_that_vanished_after_listing_is_skipped(tiny_dataset, tmp_path):
+    """A file gone between listing and reading (a flaky mount, a cleanup) is skipped like
+    a corrupt one, never read again, and named in the report."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    source = sources.open_folder(root)
+    gone = source.files["train"][5]
+    Path(gone).unlink()
+    sharding, spec = pipeline.Sharding(32), pipeline.TrainSpec(16, seed=0, crop_scale=(0.35, 1))
+    batches = pipeline.skipping_train_batches(source, sharding, spec)
+    masks = [next(batches)["mask"] for _ in range(pipeline.steps_per_epoch(source, 32))]
+    visits = sum(int(i) == 5 for _, i in pipeline.train_examples(source, sharding, 0)
+                 .take(len(masks) * 32).as_numpy_iterator())
+    assert sum(int((~m).sum()) for m in masks) == visits
+    report = batches.take_report()
+    assert list(report) == [5] and gone in report[5] and "NotFoundError" in report[5]

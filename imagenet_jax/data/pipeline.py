@@ -85,10 +85,16 @@ def steps_per_epoch(source: Source, global_batch_size: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Repairs:
-    """What the pipeline learned about the files its JPEG path cannot read."""
+    """What the pipeline learned about the files its JPEG path cannot read.
+
+    A repaired example is never read again: its index is redirected to `readable` (an
+    example known to read), and its image bytes and label come from here.
+    """
 
     converted: dict[int, bytes] = dataclasses.field(default_factory=dict)  # index -> JPEG
     skipped: frozenset[int] = frozenset()  # unreadable: neutral image, mask False
+    labels: dict[int, int] = dataclasses.field(default_factory=dict)  # of converted ones
+    readable: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.converted or self.skipped)
@@ -104,25 +110,32 @@ def _neutral_jpeg() -> bytes:
     return tf.io.encode_jpeg(pixels, quality=95).numpy()
 
 
+def _table(keys: list[int], values: list, default, dtype: tf.DType) -> tf.lookup.StaticHashTable:
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(keys, tf.int64), tf.constant(values, dtype)), default_value=default)
+
+
 def repaired_reader(read: Callable, repairs: Repairs) -> Callable:
-    """In-graph index -> (image bytes, label, mask), with `repairs` applied: a table
-    lookup and a select, no branch; just `read` when there is nothing to repair."""
+    """In-graph index -> (image bytes, label, mask), with `repairs` applied by table
+    lookups and selects, no branch; just `read` when there is nothing to repair."""
     if not repairs:
         return lambda index: (*read(index), tf.constant(True))
     neutral = _neutral_jpeg()
     keys = sorted(repairs.converted.keys() | repairs.skipped)
-    values = [repairs.converted.get(k, neutral) for k in keys]
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64), tf.constant(values)),
-        default_value="")
+    images = _table(keys, [repairs.converted.get(k, neutral) for k in keys], "", tf.string)
+    labels = _table(keys, [repairs.labels.get(k, 0) for k in keys], -1, tf.int64)
     skipped = tf.constant(sorted(repairs.skipped) or [-1], tf.int64)
 
     def read_repaired(index):
-        image_bytes, label = read(index)
         index = tf.cast(index, tf.int64)
-        replacement = table.lookup(index)
-        image_bytes = tf.where(tf.strings.length(replacement) > 0, replacement, image_bytes)
-        return image_bytes, label, tf.reduce_all(tf.not_equal(index, skipped))
+        label = labels.lookup(index)
+        repaired = label >= 0
+        image_bytes, read_label = read(tf.where(repaired, tf.constant(repairs.readable,
+                                                                      tf.int64), index))
+        image_bytes = tf.where(repaired, images.lookup(index), image_bytes)
+        label = tf.where(repaired, label, tf.cast(read_label, tf.int64))
+        return (image_bytes, tf.cast(label, read_label.dtype),
+                tf.reduce_all(tf.not_equal(index, skipped)))
 
     return read_repaired
 
@@ -242,7 +255,7 @@ class SkippingBatches(Iterator[dict]):
     `build(position, repairs)` makes the pipeline from batch `position` on;
     `examples_at(position)` lists that batch's examples as (example index, arguments of
     `load`); `load(*args)` reads one example as the pipeline would, without repairs; and
-    `read_bytes(index)` returns an example's raw file bytes. When a batch fails, each of
+    `read(index)` returns an example's raw file bytes and label. When a batch fails, each of
     its examples is loaded on its own: a file that fails but decodes as another format
     is converted to JPEG, one that does not is skipped, and the pipeline is rebuilt at
     the failing batch with the new repairs.
@@ -250,10 +263,11 @@ class SkippingBatches(Iterator[dict]):
 
     def __init__(self, build: Callable[[int, Repairs], tf.data.Dataset],
                  examples_at: Callable[[int], list[tuple[int, tuple]]], load: Callable[..., dict],
-                 read_bytes: Callable[[int], tf.Tensor], describe: Callable[[int], str],
+                 read: Callable[[int], tuple[tf.Tensor, tf.Tensor]],
+                 describe: Callable[[int], str],
                  start: int = 0):
         self._build, self._examples_at, self._load = build, examples_at, load
-        self._read_bytes, self._describe = read_bytes, describe
+        self._read, self._describe = read, describe
         self._position = start
         self.repairs = Repairs()
         self._unreported: dict[int, str] = {}
@@ -272,32 +286,39 @@ class SkippingBatches(Iterator[dict]):
             return batch
 
     def _recover(self, error: tf.errors.OpError) -> None:
-        converted, skipped = dict(self.repairs.converted), set(self.repairs.skipped)
+        repairs = self.repairs
+        converted, labels = dict(repairs.converted), dict(repairs.labels)
+        skipped, readable = set(repairs.skipped), None
         for index, args in self._examples_at(self._position):
-            if index in self.repairs:
+            if index in repairs:
                 continue
             try:
                 self._load(*args)
+                readable = index if readable is None else readable
                 continue
             except tf.errors.OpError as e:
                 failure = type(e).__name__
             try:
-                converted[index] = preprocess.to_jpeg(self._read_bytes(index)).numpy()
+                image_bytes, label = self._read(index)
+                converted[index] = preprocess.to_jpeg(image_bytes).numpy()
+                labels[index] = int(label)
                 logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
                              self._describe(index))
             except tf.errors.OpError:
                 skipped.add(index)
                 self._unreported[index] = f"{self._describe(index)} ({failure})"
                 logging.info("Skipping unreadable image %s", self._unreported[index])
-        repairs = Repairs(converted, frozenset(skipped))
-        if converted.keys() == self.repairs.converted.keys() and skipped == self.repairs.skipped:
+        if converted.keys() == repairs.converted.keys() and skipped == repairs.skipped:
             self._retries += 1
             if self._retries > _MAX_RETRIES:
                 raise error
             logging.warning("Input batch %d failed with no unreadable image found; "
                             "retrying: %s", self._position, error.message[:200])
-        self.repairs = repairs
-        self._iterator = iter(self._build(self._position, repairs).as_numpy_iterator())
+        if readable is None and not repairs:
+            raise error  # not one example of the batch reads: not a bad file, a bad source
+        self.repairs = Repairs(converted, frozenset(skipped), labels,
+                               repairs.readable if repairs else readable)
+        self._iterator = iter(self._build(self._position, self.repairs).as_numpy_iterator())
 
     @property
     def num_skipped(self) -> int:
@@ -309,9 +330,9 @@ class SkippingBatches(Iterator[dict]):
         return report
 
 
-def _bytes_reader(source: Source, split: str) -> Callable[[int], tf.Tensor]:
+def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor, tf.Tensor]]:
     read = source.read(split)
-    return lambda index: read(tf.constant(index, tf.int64))[0]
+    return lambda index: read(tf.constant(index, tf.int64))
 
 
 def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
@@ -328,7 +349,7 @@ def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
                 for epoch, index in pairs.as_numpy_iterator()]
 
     return SkippingBatches(build, examples_at, train_loader(source, spec),
-                           _bytes_reader(source, "train"),
+                           _eager_reader(source, "train"),
                            lambda index: source.describe("train", index), start_step)
 
 
@@ -349,5 +370,5 @@ def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "v
 
     return SkippingBatches(build, examples_at,
                            eval_loader(source, split, image_size, crop_ratio),
-                           _bytes_reader(source, split),
+                           _eager_reader(source, split),
                            lambda index: source.describe(split, index))
