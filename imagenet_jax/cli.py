@@ -13,8 +13,8 @@
       cache unless --compilation_cache_dir is given) and warm (a restarted run's, from
       that cache), step time (median, p10, p90), images/s, TFLOP/s from XLA's cost
       analysis, a dense-matmul rate measured in the same run and their ratio (MFU), peak
-      memory. --mode=pipeline feeds the real
-      input pipeline instead of one synthetic batch. --json prints one JSON object.
+      memory. --mode=pipeline feeds the real input pipeline instead of one synthetic
+      batch. --json prints one JSON object.
   imagenet-jax bench scaling [--device_counts=1,2,4,8] [--steps=20] [--warmup_steps=3]
                              [--config=...] [--config.FIELD=VALUE ...] [--json]
       Times the train step, data parallel, on the first n devices for each count, at a
