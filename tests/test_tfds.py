@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import REPO, subprocess_env
 
-from imagenet_jax.data import prepare, tfds_source
+from imagenet_jax.data import pipeline, prepare, tfds_source
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +167,33 @@ def test_fake_imagenet_prepares_and_trains(prepared, tmp_path):
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 2 * (counts["train"] // 8) and np.isfinite(train[-1]["loss"])
     assert records[-1]["split"] == "val" and records[-1]["num_examples"] == counts["validation"]
+
+
+def test_batched_read_equals_one_at_a_time(source):
+    """`read_batch` (one Python call per READ_BATCH records) reads what `read` does, and the
+    pipelines built on it give the same batches as reading one record at a time."""
+    read, read_batch = source.read("train"), source.read_batch("train")
+    assert read_batch is not None
+    indices = tf.constant([3, 0, 7, 7, 1], tf.int64)
+    images, labels = read_batch(indices)
+    for k, index in enumerate(indices.numpy()):
+        image, label = read(tf.constant(index, tf.int64))
+        assert image.numpy() == images[k].numpy() and int(label) == int(labels[k])
+
+    class OneAtATime:  # the same source without its batched read
+        def __getattr__(self, name):
+            if name == "read_batch":
+                raise AttributeError(name)
+            return getattr(source, name)
+
+    kwargs = dict(image_size=16, seed=0)
+    batched = pipeline.train_dataset(source, pipeline.Sharding(8), **kwargs).take(4)
+    single = pipeline.train_dataset(OneAtATime(), pipeline.Sharding(8), **kwargs).take(4)
+    for a, b in zip(batched.as_numpy_iterator(), single.as_numpy_iterator(), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    evals = [list(pipeline.eval_dataset(s, pipeline.Sharding(8), image_size=16)
+                  .as_numpy_iterator()) for s in (source, OneAtATime())]
+    for a, b in zip(*evals, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -33,6 +33,7 @@ from imagenet_jax.data.sources import Source
 _NUM_EPOCHS_UNBOUNDED = 2**40
 _NEUTRAL_RGB = (124, 116, 104)
 _MAX_RETRIES = 2  # a batch that fails with no bad example found is retried this often
+READ_BATCH = 64   # records per read call for sources with `read_batch`
 
 
 def hide_accelerators_from_tensorflow() -> None:
@@ -117,9 +118,10 @@ def _table(keys: list[int], values: list, default, dtype: tf.DType) -> tf.lookup
 
 def repaired_reader(read: Callable, repairs: Repairs) -> Callable:
     """In-graph index -> (image bytes, label, mask), with `repairs` applied by table
-    lookups and selects, no branch; just `read` when there is nothing to repair."""
+    lookups and selects, no branch; just `read` when there is nothing to repair. Works
+    elementwise: on one index with `Source.read`, on a vector with `read_batch`."""
     if not repairs:
-        return lambda index: (*read(index), tf.constant(True))
+        return lambda index: (*read(index), tf.ones_like(index, tf.bool))
     neutral = _neutral_jpeg()
     keys = sorted(repairs.converted.keys() | repairs.skipped)
     images = _table(keys, [repairs.converted.get(k, neutral) for k in keys], "", tf.string)
@@ -134,8 +136,8 @@ def repaired_reader(read: Callable, repairs: Repairs) -> Callable:
                                                                       tf.int64), index))
         image_bytes = tf.where(repaired, images.lookup(index), image_bytes)
         label = tf.where(repaired, label, tf.cast(read_label, tf.int64))
-        return (image_bytes, tf.cast(label, read_label.dtype),
-                tf.reduce_all(tf.not_equal(index, skipped)))
+        readable = tf.reduce_all(tf.not_equal(tf.expand_dims(index, -1), skipped), axis=-1)
+        return image_bytes, tf.cast(label, read_label.dtype), readable
 
     return read_repaired
 
@@ -174,20 +176,45 @@ def train_examples(source: Source, sharding: Sharding, seed: int,
     return examples.skip(step_in_epoch * sharding.local_batch_size)
 
 
-def train_loader(source: Source, spec: TrainSpec, repairs: Repairs = Repairs()
-                 ) -> Callable[[tf.Tensor, tf.Tensor], dict]:
-    """(epoch, index) -> one training example {'image', 'label', 'flip', 'mask'}."""
-    read = repaired_reader(source.read("train"), repairs)
-
-    def load(epoch, index):
+def train_decoder(spec: TrainSpec) -> Callable[..., dict]:
+    """(epoch, index, image bytes, label, mask) -> one training example {'image', 'label',
+    'flip', 'mask'}."""
+    def decode(epoch, index, image_bytes, label, mask):
         example_seed = tf.random.experimental.stateless_fold_in(tf.stack([spec.seed, epoch]),
                                                                 index)
-        image_bytes, label, mask = read(index)
         image, flip = preprocess.train_image(image_bytes, example_seed, spec.image_size,
                                              spec.crop_scale, spec.crop_ratio)
         return {"image": image, "label": label, "flip": flip, "mask": mask}
 
-    return load
+    return decode
+
+
+def train_loader(source: Source, spec: TrainSpec, repairs: Repairs = Repairs()
+                 ) -> Callable[[tf.Tensor, tf.Tensor], dict]:
+    """(epoch, index) -> one training example, read and decoded."""
+    read, decode = repaired_reader(source.read("train"), repairs), train_decoder(spec)
+    return lambda epoch, index: decode(epoch, index, *read(index))
+
+
+def batch_reader(source: Source, split: str) -> Callable | None:
+    """The source's batched read (`read_batch`: indices [n] -> bytes [n], labels [n]), if
+    it has one for `split`; else None, and examples are read one at a time."""
+    read_batch = getattr(source, "read_batch", None)
+    return read_batch(split) if read_batch else None
+
+
+def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: Repairs
+                     ) -> tf.data.Dataset:
+    """Elements (..., index) -> (..., index, image bytes, label, mask), reading READ_BATCH
+    records a call: for sources whose read has a fixed per-call cost (TFDS's, through
+    Python), which one call per image would pay a million times an epoch."""
+    read = repaired_reader(read_batch, repairs)
+
+    def read_many(*args):
+        return (*args, *read(args[-1]))
+
+    examples = examples.batch(READ_BATCH).map(read_many, num_parallel_calls=tf.data.AUTOTUNE)
+    return examples.unbatch()
 
 
 def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: int,
@@ -199,7 +226,11 @@ def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: 
     hide_accelerators_from_tensorflow()
     spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio))
     ds = train_examples(source, sharding, seed, start_step)
-    ds = ds.map(train_loader(source, spec, repairs), num_parallel_calls=tf.data.AUTOTUNE)
+    if read_batch := batch_reader(source, "train"):
+        ds = _read_in_batches(ds, read_batch, repairs)
+        ds = ds.map(train_decoder(spec), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(train_loader(source, spec, repairs), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
@@ -217,17 +248,21 @@ def eval_examples(source: Source, sharding: Sharding, split: str) -> tuple[np.nd
     return np.minimum(positions, num_examples - 1), positions < num_examples
 
 
+def eval_decoder(image_size: int, crop_ratio: float) -> Callable[..., dict]:
+    """(index, valid, image bytes, label, readable) -> one evaluation example."""
+    def decode(index, valid, image_bytes, label, readable):
+        image = preprocess.eval_image(image_bytes, image_size, crop_ratio)
+        return {"image": image, "label": label, "mask": valid & readable}
+
+    return decode
+
+
 def eval_loader(source: Source, split: str, image_size: int, crop_ratio: float,
                 repairs: Repairs = Repairs()) -> Callable[[tf.Tensor, tf.Tensor], dict]:
     """(index, valid) -> one evaluation example {'image', 'label', 'mask'}."""
     read = repaired_reader(source.read(split), repairs)
-
-    def load(index, valid):
-        image_bytes, label, readable = read(index)
-        image = preprocess.eval_image(image_bytes, image_size, crop_ratio)
-        return {"image": image, "label": label, "mask": valid & readable}
-
-    return load
+    decode = eval_decoder(image_size, crop_ratio)
+    return lambda index, valid: decode(index, valid, *read(index))
 
 
 def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
@@ -242,9 +277,15 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
     hide_accelerators_from_tensorflow()
     indices, valid = eval_examples(source, sharding, split)
     start = start_batch * sharding.local_batch_size
-    ds = tf.data.Dataset.from_tensor_slices((indices[start:], valid[start:]))
-    ds = ds.map(eval_loader(source, split, image_size, crop_ratio, repairs),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensor_slices((valid[start:], indices[start:]))
+    if read_batch := batch_reader(source, split):
+        ds = _read_in_batches(ds, read_batch, repairs)
+        decode = eval_decoder(image_size, crop_ratio)
+        ds = ds.map(lambda valid, index, *read: decode(index, valid, *read),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        load = eval_loader(source, split, image_size, crop_ratio, repairs)
+        ds = ds.map(lambda valid, index: load(index, valid), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 

@@ -61,6 +61,35 @@ class TfdsSource:
 
         return read_example
 
+    def read_batch(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None:
+        """In-graph: int64 indices [n] -> (encoded images [n], int32 labels [n]); None when
+        the records do not store the image and label as plain top-level features.
+
+        One Python call fetches n records (ArrayRecord's batched read) and one
+        `tf.io.parse_example` parses them: the per-call cost of going through Python,
+        which holds the GIL, is paid once per n images instead of once per image.
+        """
+        serialized_info = self.features.get_serialized_info()
+        plain = {self.image_key: tf.string, self.label_key: tf.int64}
+        if any(getattr(serialized_info.get(key), "dtype", None) != dtype
+               or getattr(serialized_info.get(key), "shape", None) != ()
+               for key, dtype in plain.items()):
+            return None
+        records = self.records[split]
+        spec = {self.image_key: tf.io.FixedLenFeature([], tf.string),
+                self.label_key: tf.io.FixedLenFeature([], tf.int64)}
+
+        def read_records(indices: np.ndarray) -> np.ndarray:
+            return np.asarray(records.__getitems__([int(i) for i in indices]), dtype=object)
+
+        def read_examples(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            serialized = tf.numpy_function(read_records, [indices], tf.string, stateful=False)
+            serialized.set_shape([None])
+            parsed = tf.io.parse_example(serialized, spec)
+            return parsed[self.image_key], tf.cast(parsed[self.label_key], tf.int32)
+
+        return read_examples
+
     def describe(self, split: str, index: int) -> str:
         """E.g. 'imagenet2012 train[123] n01440764_10026.JPEG': the TFDS slice syntax,
         then the file name when the dataset records one."""
