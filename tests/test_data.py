@@ -254,3 +254,21 @@ def test_a_file_that_vanished_after_listing_is_skipped(tiny_dataset, tmp_path):
     assert sum(int((~m).sum()) for m in masks) == visits
     report = batches.take_report()
     assert list(report) == [5] and gone in report[5] and "NotFoundError" in report[5]
+
+
+def test_a_batch_of_nothing_but_pngs_named_jpeg_trains(tmp_path):
+    """No example of the batch reads as JPEG, yet every one converts: all are kept."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in range(2):
+            folder = tmp_path / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", "PNG")
+    source = sources.open_folder(tmp_path)
+    batches = pipeline.skipping_train_batches(source, pipeline.Sharding(8),
+                                              pipeline.TrainSpec(16, seed=0))
+    batch = next(batches)
+    assert batch["mask"].all() and len(batches.repairs.converted) == 8
+    assert batches.take_report() == {}

@@ -142,5 +142,7 @@ def test_loss_scale_grows_after_a_period_of_finite_steps():
     shrunk = scale.adjust(jnp.bool_(False))
     assert (float(shrunk.scale), int(shrunk.good_steps)) == (4.0, 0)
     floor = LossScale(scale=jnp.float32(1.0), good_steps=jnp.int32(0))
-    assert not bool(floor.is_overflow(jnp.bool_(False)))  # at scale 1: a real non-finite step
+    assert not bool(floor.is_overflow(jnp.bool_(True), jnp.bool_(False)))  # at scale 1: real
+    assert bool(scale.is_overflow(jnp.bool_(True), jnp.bool_(False)))
+    assert not bool(scale.is_overflow(jnp.bool_(False), jnp.bool_(False)))  # a NaN loss
     assert float(floor.adjust(jnp.bool_(False)).scale) == 1.0

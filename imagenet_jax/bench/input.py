@@ -7,7 +7,8 @@ of training) and with the same tf.data parallelism and options:
   device_images_per_sec      the same, then assembled as global arrays on the devices
                              with `prefetch_batches` transfers in flight, as the train
                              loop sees it (each batch waited for);
-  eval_images_per_sec        the eval pipeline (centre crop) on the same files;
+  eval_images_per_sec        the eval pipeline (centre crop) over as many training files,
+                             in index order;
   floor_read_images_per_sec  read every file's bytes, nothing else;
   floor_decode_images_per_sec  read and fully decode every file to RGB uint8 with
                              `tf.io.decode_jpeg`, yielding only the decoded shape.
@@ -116,22 +117,24 @@ def round_ratios(seconds: dict[str, list[float]], numerator: str, denominator: s
 
 
 def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool) -> Iterator:
-    """The floors: the same examples read (and decoded whole), with the pipeline's options."""
-    read = source.read("train")
-
-    def read_bytes(index):
-        return tf.strings.length(read(index)[0])
-
-    def decode(index):
-        image_bytes = read(index)[0]
+    """The floors: the same examples read (and decoded whole), read the way the pipeline
+    reads them (in batches when the source can), with the pipeline's options."""
+    def decode(image_bytes):
         image = tf.cond(tf.io.is_jpeg(image_bytes),
                         lambda: tf.io.decode_jpeg(image_bytes, channels=3),
                         lambda: tf.io.decode_image(image_bytes, channels=3,
                                                    expand_animations=False))
         return tf.shape(image)
 
+    finish = tf.strings.length if read_only else decode
     ds = tf.data.Dataset.from_tensor_slices(indices)
-    ds = ds.map(read_bytes if read_only else decode, num_parallel_calls=tf.data.AUTOTUNE)
+    if read_batch := pipeline.batch_reader(source, "train"):
+        ds = ds.batch(pipeline.READ_BATCH).map(lambda i: read_batch(i)[0],
+                                               num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    else:  # one map, as the pipeline reads and decodes in one map
+        read = source.read("train")
+        ds = ds.map(lambda i: finish(read(i)[0]), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline.dataset_options())
     return ds.as_numpy_iterator()
 

@@ -13,8 +13,9 @@ its examples one by one, and rebuilds the pipeline at that batch with `Repairs`:
 image in another format (ImageNet's train set holds a PNG named .JPEG) is converted
 to JPEG once and read from memory from then on; an unreadable one (corrupt,
 truncated, empty) is replaced by a neutral image with `mask` False, so it counts in
-no loss and no metric. Building the pipeline at any step costs nothing, so the price
-is re-reading one batch per bad file, once per run.
+no loss and no metric. Building the pipeline at any step costs no file reads, so the
+price is re-reading one batch per bad file, once per pipeline (each evaluation builds
+its own and meets its bad files again).
 """
 
 from __future__ import annotations
@@ -203,17 +204,19 @@ def batch_reader(source: Source, split: str) -> Callable | None:
     return read_batch(split) if read_batch else None
 
 
-def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: Repairs
-                     ) -> tf.data.Dataset:
-    """Elements (..., index) -> (..., index, image bytes, label, mask), reading READ_BATCH
-    records a call: for sources whose read has a fixed per-call cost (TFDS's, through
-    Python), which one call per image would pay a million times an epoch."""
+def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: Repairs,
+                     local_batch_size: int) -> tf.data.Dataset:
+    """Elements (..., index) -> (..., index, image bytes, label, mask), reading up to
+    READ_BATCH records a call: for sources whose read has a fixed per-call cost (TFDS's,
+    through Python), which one call per image would pay a million times an epoch. The
+    calls never straddle two local batches, so a failed read fails its own batch."""
     read = repaired_reader(read_batch, repairs)
 
     def read_many(*args):
         return (*args, *read(args[-1]))
 
-    examples = examples.batch(READ_BATCH).map(read_many, num_parallel_calls=tf.data.AUTOTUNE)
+    chunk = math.gcd(local_batch_size, READ_BATCH)
+    examples = examples.batch(chunk).map(read_many, num_parallel_calls=tf.data.AUTOTUNE)
     return examples.unbatch()
 
 
@@ -227,7 +230,7 @@ def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: 
     spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio))
     ds = train_examples(source, sharding, seed, start_step)
     if read_batch := batch_reader(source, "train"):
-        ds = _read_in_batches(ds, read_batch, repairs)
+        ds = _read_in_batches(ds, read_batch, repairs, sharding.local_batch_size)
         ds = ds.map(train_decoder(spec), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(train_loader(source, spec, repairs), num_parallel_calls=tf.data.AUTOTUNE)
@@ -279,7 +282,7 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
     start = start_batch * sharding.local_batch_size
     ds = tf.data.Dataset.from_tensor_slices((valid[start:], indices[start:]))
     if read_batch := batch_reader(source, split):
-        ds = _read_in_batches(ds, read_batch, repairs)
+        ds = _read_in_batches(ds, read_batch, repairs, sharding.local_batch_size)
         decode = eval_decoder(image_size, crop_ratio)
         ds = ds.map(lambda valid, index, *read: decode(index, valid, *read),
                     num_parallel_calls=tf.data.AUTOTUNE)
@@ -341,6 +344,7 @@ class SkippingBatches(Iterator[dict]):
                 failure = type(e).__name__
             try:
                 image_bytes, label = self._read(index)
+                readable = index if readable is None else readable  # its raw read works
                 converted[index] = preprocess.to_jpeg(image_bytes).numpy()
                 labels[index] = int(label)
                 logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
@@ -356,7 +360,7 @@ class SkippingBatches(Iterator[dict]):
             logging.warning("Input batch %d failed with no unreadable image found; "
                             "retrying: %s", self._position, error.message[:200])
         if readable is None and not repairs:
-            raise error  # not one example of the batch reads: not a bad file, a bad source
+            raise error  # not one file of the batch can even be read: a bad source
         self.repairs = Repairs(converted, frozenset(skipped), labels,
                                repairs.readable if repairs else readable)
         self._iterator = iter(self._build(self._position, self.repairs).as_numpy_iterator())

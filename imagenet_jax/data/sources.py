@@ -44,7 +44,9 @@ class Source(Protocol):
     def num_examples(self, split: str) -> int: ...
 
     def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-        """In-graph: an int64 scalar index -> (encoded image bytes, int32 label), both scalars."""
+        """In-graph: an integer scalar index (int32 or int64) -> (encoded image bytes, int32
+        label), both scalars. A source may also offer `read_batch(split)`, the same on a
+        vector of indices (see pipeline.batch_reader)."""
         ...
 
     def describe(self, split: str, index: int) -> str:

@@ -96,8 +96,11 @@ class TfdsSource:
         where = f"{self.name} {self.split_names[split]}[{index}]"
         if "file_name" not in self.features:
             return where
-        example = tf.train.Example.FromString(self.records[split][index])
-        values = example.features.feature["file_name"].bytes_list.value
+        try:
+            example = tf.train.Example.FromString(self.records[split][index])
+            values = example.features.feature["file_name"].bytes_list.value
+        except Exception:  # noqa: BLE001 - describing an unreadable record must not fail
+            return where
         return f"{where} {values[0].decode()}" if values else where
 
 

@@ -95,8 +95,8 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             report_progress(step)
             is_last = step == derived.num_train_steps
             # Step 1 is logged on its own: the initial loss (about ln(classes)) at once, and
-            # the one loss that every device and process count reproduces exactly, before
-            # rounding differences in the gradient sums start to compound.
+            # a loss every device and process count computes from the same parameters, so
+            # equal to rounding, before differences in the gradient sums compound.
             if step % config.log_every_steps == 0 or is_last or step == 1:
                 train_metrics = buffer.drain()
                 now = time.perf_counter()

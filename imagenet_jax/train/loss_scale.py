@@ -28,9 +28,11 @@ class LossScale:
         return cls(scale=jnp.asarray(INITIAL_SCALE if dynamic else 1.0, jnp.float32),
                    good_steps=jnp.zeros((), jnp.int32))
 
-    def is_overflow(self, finite: jax.Array) -> jax.Array:
-        """A non-finite step that a smaller scale can cure: skip it without alarm."""
-        return ~finite & (self.scale > MIN_SCALE)
+    def is_overflow(self, loss_finite: jax.Array, grads_finite: jax.Array) -> jax.Array:
+        """A finite loss with non-finite gradients, above the minimum scale: what a smaller
+        scale can cure, so the step is skipped without alarm. A non-finite loss is not
+        an overflow: no scale fixes the forward pass."""
+        return loss_finite & ~grads_finite & (self.scale > MIN_SCALE)
 
     def adjust(self, finite: jax.Array) -> LossScale:
         """Halve after an overflow; double after GROWTH_PERIOD finite steps in a row."""

@@ -143,7 +143,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     # loop then stops the run or counts the skip (config.on_nonfinite).
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     # In float16 a non-finite gradient is first an overflow of the scale: not an alarm.
-    overflow = state.loss_scale.is_overflow(finite) if scaling else jnp.zeros((), bool)
+    overflow = (state.loss_scale.is_overflow(jnp.isfinite(objective), jnp.isfinite(grad_norm))
+                if scaling else jnp.zeros((), bool))
     keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     # A skipped step counts in no average; the learning rate and the skip count are the
     # step's own, outside the mask.
