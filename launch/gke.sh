@@ -55,11 +55,8 @@ set -euo pipefail
 readonly SELF=launch/gke.sh
 readonly COMMON_VARIABLES="JOBSET_NAME IMAGE BUCKET WORKDIR CONFIG MAX_RESTARTS SERVICE_ACCOUNT"
 templates=$(cd "$(dirname "$0")" && pwd)/gke
-
-die() {
-  echo "$SELF: error: $*" >&2
-  exit 2
-}
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
 usage() {
   echo "usage: $SELF tpu|gpu [IMAGENET_JAX_FLAGS...] | logs | delete  (see the header of $SELF)" >&2
@@ -76,13 +73,6 @@ declare -A WHAT=(
   [GPU_ACCELERATOR]="the GPU node label, e.g. GPU_ACCELERATOR=nvidia-h100-80gb"
 )
 
-require() {
-  local name
-  for name in "$@"; do
-    [[ -n ${!name:-} ]] || die "$name is not set: ${WHAT[$name]}"
-  done
-}
-
 require_count() {  # require_count NAME...: each a whole number of at least 1
   local name
   for name in "$@"; do
@@ -90,7 +80,6 @@ require_count() {  # require_count NAME...: each a whole number of at least 1
   done
 }
 
-dry_run() { [[ ${DRY_RUN:-0} == 1 ]]; }
 
 kubectl_cmd() {
   local cmd=(kubectl)

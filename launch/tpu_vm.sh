@@ -60,11 +60,8 @@
 set -euo pipefail
 
 readonly SELF=launch/tpu_vm.sh
-
-die() {
-  echo "$SELF: error: $*" >&2
-  exit 2
-}
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
 usage() {
   echo "usage: $SELF create|install|run ARGS...|logs|stop|delete  (see the header of $SELF)" >&2
@@ -78,14 +75,6 @@ declare -A WHAT=(
   [ACCELERATOR_TYPE]="the TPU type, e.g. ACCELERATOR_TYPE=v5litepod-8 or v4-32"
 )
 
-require() {
-  local name
-  for name in "$@"; do
-    [[ -n ${!name:-} ]] || die "$name is not set: ${WHAT[$name]}"
-  done
-}
-
-dry_run() { [[ ${DRY_RUN:-0} == 1 ]]; }
 
 # One word as a shell would need it typed: bare when safe, else in single quotes.
 quote() {
