@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +33,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from imagenet_jax.bench.train import process_peak_rss_mb
 from imagenet_jax.config import ConfigError
+from imagenet_jax.data import input as data_input
 from imagenet_jax.data import pipeline, synthetic
 from imagenet_jax.data.sources import Source
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
@@ -53,7 +53,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
         raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "
                           "on the devices; choose a folder:, tfds: or demo dataset")
     mesh = mesh_from_shape(derived.mesh_shape)
-    sharding = pipeline.Sharding(config.batch_size, jax.process_index(), jax.process_count())
+    sharding = data_input.process_sharding(config.batch_size)
     spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
                               tuple(config.crop_aspect_ratio))
     examples = pipeline.train_examples(source, sharding, config.seed)
@@ -174,11 +174,10 @@ def mean_file_kb(source: Source, indices: np.ndarray) -> float:
 
 def host_memory_mb() -> dict[str, float]:
     """Resident memory now (after every pass: steady state) and the process's peak."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
+    peak_mb = process_peak_rss_mb()
     try:
         with open("/proc/self/statm") as statm:
-            rss_bytes = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss_mb = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:  # not Linux: the peak is all there is
-        rss_bytes = peak_bytes
-    return {"host_rss_mb": rss_bytes / 2**20, "host_peak_rss_mb": peak_bytes / 2**20}
+        rss_mb = peak_mb
+    return {"host_rss_mb": rss_mb, "host_peak_rss_mb": peak_mb}

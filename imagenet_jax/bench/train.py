@@ -26,8 +26,8 @@ from jax.sharding import Mesh
 
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import input as data_input
-from imagenet_jax.data import sources
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape
+from imagenet_jax.data import sources, synthetic
+from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import loop
 
 MODES = ("synthetic", "pipeline")
@@ -115,21 +115,12 @@ def check_arguments(mode: str, warmup_steps: int, steps: int) -> None:
 
 def synthetic_batches(config: ml_collections.ConfigDict, derived: Derived,
                       mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-    """One random uint8 batch, sharded on the data axis like the trainer's, forever.
-
-    Each process draws its own slice (of the per-process batch size) and
-    `make_global_batch` assembles the global array, as for real batches.
-    """
-    rng = np.random.default_rng(config.seed + jax.process_index())
-    local_batch_size = config.batch_size // jax.process_count()
-    size = config.image_size
-    local_batch = {
-        "image": rng.integers(0, 256, (local_batch_size, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, derived.num_classes, (local_batch_size,), dtype=np.int32),
-        "flip": rng.random(local_batch_size) < 0.5,
-        "mask": np.ones(local_batch_size, bool),
-    }
-    return itertools.repeat(make_global_batch(local_batch, mesh))
+    """One random uint8 batch, drawn on the devices already sharded like the trainer's
+    (data/synthetic.py), forever: the step alone, no input."""
+    source = synthetic.SyntheticSource(num_classes=derived.num_classes)
+    make = synthetic.batch_maker(source, mesh, config.batch_size, config.image_size,
+                                 config.seed)
+    return itertools.repeat(make(jnp.uint32(0), config.batch_size))
 
 
 def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source,
@@ -238,9 +229,13 @@ def peak_memory(mesh: Mesh) -> tuple[float, str]:
             peaks.append(stats["peak_bytes_in_use"])
     if peaks:
         return max(peaks) / 2**20, "device_peak_bytes_in_use"
+    return process_peak_rss_mb(), "process_peak_rss"
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident set, in MiB."""
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = max_rss if sys.platform == "darwin" else max_rss * 1024  # Linux says KiB
-    return rss_bytes / 2**20, "process_peak_rss"
+    return (max_rss if sys.platform == "darwin" else max_rss * 1024) / 2**20  # Linux: KiB
 
 
 def default_matmul_size(platform: str) -> int:

@@ -35,7 +35,8 @@ class DeviceBatches(Iterator[dict]):
         return self._skipping.take_report() if self._skipping else {}
 
 
-def _process_sharding(global_batch_size: int) -> pipeline.Sharding:
+def process_sharding(global_batch_size: int) -> pipeline.Sharding:
+    """This process's part of each global batch."""
     return pipeline.Sharding(global_batch_size, jax.process_index(), jax.process_count())
 
 
@@ -51,7 +52,7 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
             source, mesh, config.batch_size, config.image_size, config.seed, start_step), None)
     spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
                               tuple(config.crop_aspect_ratio))
-    host = pipeline.skipping_train_batches(source, _process_sharding(config.batch_size), spec,
+    host = pipeline.skipping_train_batches(source, process_sharding(config.batch_size), spec,
                                            start_step)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
 
@@ -63,6 +64,6 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
         return DeviceBatches(synthetic.eval_batches(
             source, mesh, config.eval_batch_size, config.image_size, config.seed), None)
     host = pipeline.skipping_eval_batches(
-        source, _process_sharding(config.eval_batch_size), split=split,
+        source, process_sharding(config.eval_batch_size), split=split,
         image_size=config.image_size, crop_ratio=config.eval_crop_ratio)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
