@@ -29,7 +29,7 @@ chaos: $(STAMP)
 	$(BIN)/python tests/chaos.py --kills=5
 
 lint: $(STAMP)
-	$(BIN)/ruff check imagenet_jax tests configs
+	$(BIN)/ruff check imagenet_jax tests configs benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,10 +10,7 @@ array reduced; all-gather: the whole array gathered; reduce-scatter: its input),
 "bytes" is the size of the arrays involved, not what a ring moves over a link.
 """
 
-import collections
-import math
 import os
-import re
 import sys
 import time
 
@@ -21,6 +18,7 @@ os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                   XLA_FLAGS="--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 
+from imagenet_jax.bench import hlo  # noqa: E402
 from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
 from imagenet_jax.config import base_config  # noqa: E402
 from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
@@ -28,16 +26,6 @@ from imagenet_jax.train import loop  # noqa: E402
 
 LAYOUTS = {"dp": ({"data": 8, "fsdp": 1}, 0), "dp_bn1": ({"data": 8, "fsdp": 1}, 1),
            "fsdp": ({"data": 2, "fsdp": 4}, 0)}
-COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\S+|\(.*?\)) "
-                        r"(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\((.*)$",
-                        re.M)
-ARRAY = re.compile(r"\b(f32|bf16|f16|s32|u32|pred)\[([0-9,]*)\]")
-ITEM_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
-
-
-def nbytes(shapes: str) -> int:
-    return sum(ITEM_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-               for t, dims in ARRAY.findall(shapes))
 
 
 def compiled_step(dataset: str, model: str, image_size: int, layout: str):
@@ -54,12 +42,12 @@ def compiled_step(dataset: str, model: str, image_size: int, layout: str):
     return run.train_step.lower(run.state, batch).compile().as_text(), param_bytes
 
 
-def summary(hlo: str, param_bytes: int) -> None:
-    by_kind = collections.defaultdict(list)
-    for shape, kind, rest in COLLECTIVE.findall(hlo):
+def summary(text: str, param_bytes: int) -> None:
+    by_kind = {}
+    for kind, instructions in hlo.collectives(text).items():
         # A reduce-scatter's input, not its (1/n) result, is the array reduced.
-        by_kind[kind].append(nbytes(rest.split(")")[0]) if kind == "reduce-scatter"
-                             else nbytes(shape))
+        by_kind[kind] = [hlo.nbytes(i.rest.split(")")[0] if kind == "reduce-scatter" else i.shape)
+                         for i in instructions]
     print(f"  parameter bytes {param_bytes:,}")
     for kind, sizes in sorted(by_kind.items()):
         sizes.sort(reverse=True)
@@ -76,10 +64,10 @@ def main(argv: list[str]) -> None:
     for layout in layouts:
         start = time.perf_counter()
         # The synthetic dataset: ImageNet's 1,000 classes, no files.
-        hlo, param_bytes = compiled_step("synthetic", model, image_size, layout)
+        text, param_bytes = compiled_step("synthetic", model, image_size, layout)
         print(f"{model} {image_size} px, batch 16 on 8 devices, {layout} "
               f"{LAYOUTS[layout]} ({time.perf_counter() - start:.0f} s):")
-        summary(hlo, param_bytes)
+        summary(text, param_bytes)
 
 
 if __name__ == "__main__":

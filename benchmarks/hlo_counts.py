@@ -1,54 +1,31 @@
 """Op counts of the compiled ResNet-50 train step on the CPU backend, 1 and 8 devices."""
-import atexit
 import collections
 import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                   XLA_FLAGS="--xla_force_host_platform_device_count=8")
-import jax
-import numpy as np  # noqa: E402
+import jax  # noqa: E402
 
+from imagenet_jax.bench import hlo  # noqa: E402
+from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
 from imagenet_jax.config import base_config  # noqa: E402
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape  # noqa: E402
+from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
 from imagenet_jax.train import loop  # noqa: E402
-
-STUB = Path(tempfile.mkdtemp())  # 1000 empty class folders: plan() reads only the class count
-atexit.register(shutil.rmtree, STUB)
-for split in ("train", "val"):
-    for c in range(1000):
-        (STUB / split / f"c{c:04d}").mkdir(parents=True)
-        (STUB / split / f"c{c:04d}" / "x.JPEG").touch()
 
 
 def compiled(batch_size, mesh_data):
     config = base_config()
-    config.update(model="resnet50", dataset=f"folder:{STUB}", image_size=64, dtype="float32",
+    config.update(model="resnet50", dataset="synthetic", image_size=64, dtype="float32",
                   batch_size=batch_size, eval_batch_size=batch_size)
     config.mesh.data = mesh_data
     _, derived = loop.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     run = loop.build(config, derived, mesh)
-    rng = np.random.default_rng(0)
-    batch = make_global_batch({"image": rng.integers(0, 256, (batch_size, 64, 64, 3), np.uint8),
-                               "label": rng.integers(0, 1000, (batch_size,), np.int32),
-                               "flip": np.zeros(batch_size, bool),
-                               "mask": np.ones(batch_size, bool)}, mesh)
+    batch = next(synthetic_batches(config, derived, mesh))
     params = jax.tree.leaves(run.state.params)
     return (run.train_step.lower(run.state, batch).compile().as_text(),
             sum(p.size * p.dtype.itemsize for p in params))
-
-
-INSTR = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+|\(.*?\)) ([a-z][\w\-]*)\((.*)$")
-ARRAY = re.compile(r"(f32|s32|u32|pred)\[([0-9,]*)\]")
-
-
-def nbytes(shape):
-    return sum((1 if t == "pred" else 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-               for t, dims in ARRAY.findall(shape))
 
 
 def physical_order(shape):
@@ -60,20 +37,8 @@ def physical_order(shape):
     return [d for d in reversed([int(x) for x in m.group(2).split(",") if x]) if sizes[d] != 1]
 
 
-def parse(text):
-    """{computation: [(name, shape, opcode, rest of line)]}; the entry one is 'ENTRY'."""
-    comps, current = {}, None
-    for line in text.splitlines():
-        if line and not line.startswith(" ") and line.endswith("{"):
-            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-            comps[current] = []
-        elif (m := INSTR.match(line)) and current:
-            comps[current].append(m.groups())
-    return comps
-
-
 def summary(text, param_bytes):
-    comps = parse(text)
+    comps = hlo.computations(text)
     entry = comps["ENTRY"]
     calls = lambda rest: re.search(r"calls=%([\w.\-]+)", rest).group(1)  # noqa: E731
     fusions = [(n, s, rest, comps[calls(rest)]) for n, s, op, rest in entry if op == "fusion"]
@@ -98,7 +63,7 @@ def summary(text, param_bytes):
             source = shapes.get(rest.split(")")[0].lstrip("%"))
             if name != "ENTRY" and op == "copy" and source and \
                     physical_order(shape) != physical_order(source):
-                moving.append(nbytes(shape))
+                moving.append(hlo.nbytes(shape))
     print(f"fused copies that move data (the physical transposes): {len(moving)}, "
           f"{sum(moving) / 2**20:.1f} MiB")
     convs = [r for c in comps.values() for _, _, op, r in c if op == "convolution"]
@@ -117,8 +82,9 @@ def summary(text, param_bytes):
     inputs = {n for n, _, op, _ in entry if op == "parameter"}
     copies = [(s, r) for _, s, op, r in entry
               if op == "copy" and r.split(")")[0].lstrip("%") in inputs]
-    print(f"copies of state inputs: {len(copies)}, {sum(nbytes(s) for s, _ in copies):,} bytes")
-    all_reduces = sorted((nbytes(s) for _, s, op, _ in entry if op == "all-reduce"), reverse=True)
+    print(f"copies of state inputs: {len(copies)}, {sum(hlo.nbytes(s) for s, _ in copies):,} bytes")
+    all_reduces = sorted((hlo.nbytes(s) for _, s, op, _ in entry if op == "all-reduce"),
+                         reverse=True)
     print(f"all-reduce: {len(all_reduces)} ops, {sum(all_reduces):,} bytes "
           f"({sum(all_reduces) / param_bytes:.4f} x parameter bytes); largest {all_reduces[:3]}; "
           "all-gather:", [s for _, s, op, _ in entry if op == "all-gather"])

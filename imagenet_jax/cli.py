@@ -163,14 +163,17 @@ def train(argv: list[str]) -> None:
     from imagenet_jax import models
     from imagenet_jax.config import ConfigError, validate
     from imagenet_jax.train import guards
-    from imagenet_jax.train.loop import train_and_evaluate
 
     config = FLAGS.config
     config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
     try:
+        # Before importing the loop (and with it TensorFlow, 2-3 s): a config mistake is
+        # reported in about a second.
         validate(config, model_names=models.names(), num_devices=jax.device_count(),
                  num_processes=jax.process_count())
+        from imagenet_jax.train.loop import train_and_evaluate
+
         result = train_and_evaluate(config, workdir)
     except ConfigError as e:
         _fail(f"config: {e}")

@@ -14,6 +14,8 @@ import re
 
 import ml_collections
 
+from imagenet_jax.data.spec import parse_dataset
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "constant")
 OPTIMIZERS = ("sgd", "rmsprop")
@@ -130,8 +132,6 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_devices: int,
              num_processes: int = 1) -> None:
     """Raises ConfigError for the first field that cannot run."""
-    from imagenet_jax.data.sources import parse_dataset
-
     def check(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import REPO, subprocess_env
 from PIL import Image
 
-from imagenet_jax.data import demo, pipeline, preprocess, sources, synthetic
+from imagenet_jax.data import demo, pipeline, preprocess, sources, spec, synthetic
 from imagenet_jax.parallel import make_mesh
 
 
@@ -103,7 +103,7 @@ def test_sharding_rejects_uneven_process_split():
 
 def test_unknown_dataset_names_valid_forms():
     with pytest.raises(ValueError, match="valid forms: 'demo', 'folder:.*'tfds:NAME'.*'synthetic"):
-        sources.parse_dataset("imagenet")
+        spec.parse_dataset("imagenet")
 
 
 # The kinds of bad file ImageNet's train set holds or a copy can grow: the first three

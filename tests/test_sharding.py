@@ -7,8 +7,7 @@ TPU pipelines do, so on CPU the fsdp gradient reduction shows as an all-reduce o
 whole gradient, which each device then slices to its shard.
 """
 
-import collections
-import re
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from conftest import tiny_config
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from imagenet_jax.bench import hlo
 from imagenet_jax.bench.train import synthetic_batches
 from imagenet_jax.config import ConfigError, base_config, mesh_shape, validate
 from imagenet_jax.models.layers import BatchNorm, batchnorm_groups, set_batchnorm_groups
@@ -25,27 +25,12 @@ from imagenet_jax.parallel import batch_sharding, mesh_from_shape, replicated
 from imagenet_jax.parallel.sharding import ShardingRules, param_shardings
 from imagenet_jax.train import loop, steps
 
-COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\S+|\(.*?\)) "
-                        r"(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(", re.M)
 FSDP_MIN_SIZE = 1024  # resnet_tiny's 3x3 convs (2,304+ elements) shard; BN and biases do not
 
 
-def collectives(hlo: str) -> dict[str, list[str]]:
-    """{opcode: [result shape, ...]} of the collectives in compiled HLO text."""
-    found = collections.defaultdict(list)
-    for shape, opcode in COLLECTIVE.findall(hlo):
-        found[opcode].append(shape)
-    return found
-
-
-def shape_text(array) -> str:
-    return f"[{','.join(map(str, array.shape))}]"
-
-
-def element_counts(shapes: list[str]) -> set[int]:
-    """The element counts of every array in HLO result shapes (tuples included)."""
-    return {int(np.prod([int(d) for d in dims.split(",") if d]))
-            for shape in shapes for dims in re.findall(r"\w+\[([0-9,]*)\]", shape)}
+def result_arrays(instructions: list[hlo.Instruction]) -> set[tuple[int, ...]]:
+    """The dimensions of every array the instructions return (tuples unpacked)."""
+    return {dims for i in instructions for _, dims in hlo.arrays(i.shape)}
 
 
 def _config(dataset, data, fsdp, **overrides):
@@ -82,13 +67,13 @@ def fsdp(tiny_dataset):
     return run, batch, run.train_step.lower(run.state, batch).compile()
 
 
-def test_data_parallel_all_reduces_gradients_and_gathers_no_parameter(data_parallel):
+def test_data_parallel_all_reduces_gradients_and_gathers_nothing(data_parallel):
     run, _, compiled = data_parallel
-    found = collectives(compiled.as_text())
-    param_shapes = {shape_text(p) for p in jax.tree.leaves(run.state.params)}
+    found = hlo.collectives(compiled.as_text())
     assert found["all-reduce"], "no gradient all-reduce"
-    gathered = {re.sub(r"^\w+|\{.*", "", s) for s in found["all-gather"]}
-    assert not gathered & param_shapes, f"parameters all-gathered: {gathered & param_shapes}"
+    # Neither parameters nor activations: top-1/top-5 stay per example (no top_k sort
+    # over the gathered logits).
+    assert not found["all-gather"], f"all-gathered: {[i.shape for i in found['all-gather']]}"
     specs = {x.sharding.spec for x in jax.tree.leaves(run.state)}
     assert specs == {PartitionSpec()}, "data parallelism replicates the whole state"
 
@@ -109,16 +94,16 @@ def test_fsdp_shards_the_state_gathers_parameters_and_reduces_into_shards(fsdp):
     assert sorted(str(x.sharding.spec) for x in momentum) == sorted(
         str(p.sharding.spec) for p in params)
 
-    found = collectives(compiled.as_text())
-    full_shapes = {shape_text(p) for p in sharded}
-    gathered = {re.sub(r"^\w+|\{.*", "", s) for s in found["all-gather"]}
-    assert full_shapes <= gathered, "every sharded parameter is all-gathered whole"
+    found = hlo.collectives(compiled.as_text())
+    gathered = result_arrays(found["all-gather"])
+    assert {p.shape for p in sharded} <= gathered, "every sharded parameter is all-gathered whole"
     # The gradients reduce into the shards: a reduce-scatter, or on XLA:CPU an all-reduce
     # of the whole gradient (its layout may be transposed) that each device slices.
     if jax.devices()[0].platform != "cpu":
         assert found["reduce-scatter"]
     else:
-        assert {p.size for p in sharded} <= element_counts(found["all-reduce"])
+        reduced_sizes = {math.prod(dims) for dims in result_arrays(found["all-reduce"])}
+        assert {p.size for p in sharded} <= reduced_sizes
     # ZeRO, not model parallelism: activations are never exchanged between devices.
     assert not found["all-to-all"]
 
@@ -161,8 +146,8 @@ def _forward(tiny_dataset, group_size):
 def test_per_device_batchnorm_needs_no_collective_in_the_forward_pass(tiny_dataset):
     per_device_hlo, per_device_logits = _forward(tiny_dataset, group_size=1)
     global_hlo, global_logits = _forward(tiny_dataset, group_size=0)
-    assert len(collectives(global_hlo)["all-reduce"]) >= 1
-    assert collectives(per_device_hlo)["all-reduce"] == []
+    assert len(hlo.collectives(global_hlo)["all-reduce"]) >= 1
+    assert hlo.collectives(per_device_hlo)["all-reduce"] == []
     assert not np.allclose(per_device_logits, global_logits, rtol=1e-3), \
         "per-device statistics differ from global ones on random data"
     whole_hlo, whole_logits = _forward(tiny_dataset, group_size=8)  # one group of 8: global
@@ -250,3 +235,21 @@ def test_mesh_resolves_minus_one_and_splits_the_batch_over_both_axes():
     config.batch_size = 12
     with pytest.raises(ConfigError, match="not divisible by the number of devices"):
         validate(config, model_names=["resnet50"], num_devices=8)
+
+
+def test_hlo_reading_counts_async_collectives_once_and_sizes_tuples():
+    text = """HloModule m
+
+ENTRY %main (p: f32[8,4]) -> f32[4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  %ars = (f32[8,4]{1,0}, bf16[3]{0}) all-reduce-start(f32[8,4]{1,0} %p), to_apply=%add
+  %ard = f32[8,4]{1,0} all-reduce-done((f32[8,4]{1,0}, bf16[3]{0}) %ars)
+  ROOT %ag = pred[5]{0} all-gather(f32[8,4]{1,0} %ard), dimensions={0}
+}
+"""
+    found = hlo.collectives(text)
+    assert {k: [i.name for i in v] for k, v in found.items()} == {
+        "all-reduce": ["ars"], "all-gather": ["ag"]}
+    assert hlo.nbytes(found["all-reduce"][0].shape) == 8 * 4 * 4 + 3 * 2
+    assert hlo.arrays(found["all-gather"][0].shape) == [("pred", (5,))]
+    assert [i.opcode for i in hlo.computations(text)["ENTRY"]][0] == "parameter"

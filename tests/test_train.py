@@ -98,3 +98,17 @@ def test_weight_decay_only_on_kernels():
     mask = optim.kernel_mask(params)
     assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                     "fc": {"kernel": True, "bias": False}}
+
+
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_topk_correct_is_top_k_membership_ties_included(num_classes):
+    rng = np.random.default_rng(0)
+    # Few distinct values: most rows hold ties, and top_k breaks them by lower index.
+    logits = rng.integers(0, 4, (500, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, 500)
+    for k in (1, 2, 5):
+        _, top = jax.lax.top_k(logits, min(k, num_classes))
+        expected = np.any(np.asarray(top) == labels[:, None], axis=-1)
+        np.testing.assert_array_equal(steps.topk_correct(logits, labels, k), expected)
+    logits[0, labels[0]] = np.nan
+    assert steps.topk_correct(logits, labels, 5)[0] == 0.0

@@ -22,10 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from imagenet_jax.data import demo, synthetic
+from imagenet_jax.data.spec import parse_dataset
 
 SPLITS = ("train", "val")
-DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
-                 "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")
 
 
 class Source(Protocol):
@@ -77,16 +76,6 @@ class FolderSource:
 
     def describe(self, split: str, index: int) -> str:
         return str(self.files[split][index])
-
-
-def parse_dataset(spec: str) -> tuple[str, str]:
-    """Splits `spec` into (kind, argument); raises ValueError naming the valid forms."""
-    if spec in ("demo", "synthetic"):
-        return spec, ""
-    kind, sep, arg = spec.partition(":")
-    if kind in ("folder", "tfds", "synthetic") and sep and arg:
-        return kind, arg
-    raise ValueError(f"unknown dataset {spec!r}; valid forms: {DATASET_FORMS}")
 
 
 def get_source(spec: str, data_dir: str | None = None) -> Source:

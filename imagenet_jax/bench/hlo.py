@@ -1,0 +1,59 @@
+"""Reading compiled HLO text: instructions by computation, collectives, array bytes.
+
+`jitted.lower(...).compile().as_text()` is the program XLA runs. The tests and the
+scripts in benchmarks/ read it to pin what the compiler did (collectives, copies,
+transposes, fusions), not what the Python asked for.
+"""
+
+import collections
+import math
+import re
+from typing import NamedTuple
+
+# `  %name = SHAPE opcode(operands), attributes`; a tuple SHAPE is parenthesised.
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+|\(.*?\)) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+)\[([0-9,]*)\]")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+
+
+class Instruction(NamedTuple):
+    name: str
+    shape: str  # the result: `f32[16,1000]{1,0}`, or a tuple of such
+    opcode: str
+    rest: str  # operands, then attributes
+
+
+def computations(hlo: str) -> dict[str, list[Instruction]]:
+    """{computation name: its instructions}; the entry computation is 'ENTRY'."""
+    found, current = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.endswith("{"):
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            found[current] = []
+        elif current and (m := _INSTRUCTION.match(line)):
+            found[current].append(Instruction(*m.groups()))
+    return found
+
+
+def collectives(hlo: str) -> dict[str, list[Instruction]]:
+    """{opcode: instructions} of the collectives anywhere in the program; an async
+    pair (`all-reduce-start`/`-done`) counts once, under its plain opcode."""
+    found = collections.defaultdict(list)
+    for body in computations(hlo).values():
+        for instruction in body:
+            opcode = instruction.opcode.removesuffix("-start")
+            if opcode in COLLECTIVES:
+                found[opcode].append(instruction)
+    return found
+
+
+def arrays(shapes: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(element type, dimensions) of every array in HLO shape text, tuples included."""
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY.findall(shapes)]
+
+
+def nbytes(shapes: str) -> int:
+    """The bytes of every array in HLO shape text (pred: 1 byte; fN, sN, uN: N bits)."""
+    return sum((1 if dtype == "pred" else int(dtype.lstrip("bfsu")) // 8) * math.prod(dims)
+               for dtype, dims in arrays(shapes))
