@@ -11,7 +11,7 @@ from imagenet_jax.bench import hlo  # noqa: E402
 from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
 from imagenet_jax.config import base_config  # noqa: E402
 from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
-from imagenet_jax.train import loop  # noqa: E402
+from imagenet_jax.train import recipe  # noqa: E402
 
 
 def compiled(batch_size, mesh_data):
@@ -19,9 +19,9 @@ def compiled(batch_size, mesh_data):
     config.update(model="resnet50", dataset="synthetic", image_size=64, dtype="float32",
                   batch_size=batch_size, eval_batch_size=batch_size)
     config.mesh.data = mesh_data
-    _, derived = loop.plan(config)
+    _, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = loop.build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     batch = next(synthetic_batches(config, derived, mesh))
     params = jax.tree.leaves(run.state.params)
     return (run.train_step.lower(run.state, batch).compile().as_text(),

@@ -213,11 +213,13 @@ def bench(argv: list[str]) -> None:
     import jax
 
     _use_compilation_cache(fresh=argv[1] == "train")
-    from imagenet_jax.bench import bench_input, bench_train, format_table
+    from imagenet_jax.bench.train import bench_train, format_table
     from imagenet_jax.config import ConfigError
 
     try:
         if argv[1] == "input":
+            from imagenet_jax.bench.input import bench_input
+
             result = bench_input(FLAGS.config, batches=FLAGS.steps, repeats=FLAGS.repeats)
         elif argv[1] == "scaling":
             _bench_scaling()
@@ -235,7 +237,7 @@ def _bench_scaling() -> None:
     """`bench scaling`: its own table; ConfigError propagates to bench's handler."""
     import jax
 
-    from imagenet_jax.bench import bench_scaling, format_scaling_table
+    from imagenet_jax.bench.scaling import bench_scaling, format_scaling_table
 
     try:
         counts = None if FLAGS.device_counts is None else [int(n) for n in FLAGS.device_counts]

@@ -8,12 +8,14 @@ import collections
 import contextlib
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import pytest
-from conftest import tiny_config
+from conftest import REPO, subprocess_env, tiny_config
 
-from imagenet_jax.bench import bench_train, format_table
+from imagenet_jax.bench.train import bench_train, format_table
 from imagenet_jax.config import ConfigError
 from imagenet_jax.train import loop
 
@@ -149,3 +151,18 @@ def test_train_loop_compiles_each_step_once(tiny_dataset, tmp_path):
     assert result["step"] == 24 and result["num_examples"] == 70
     assert counts["train_step"] == 1, dict(counts)
     assert counts["eval_step"] == 1, dict(counts)
+
+
+def test_bench_train_on_synthetic_data_runs_without_tensorflow():
+    """The GPU check runs on machines that have JAX and its libraries but no TensorFlow
+    (the input pipeline's library): nothing on that path may import it."""
+    argv = ["imagenet-jax", "bench", "train", "--config=configs/demo.py",
+            "--config.dataset=synthetic:classes=10", "--config.batch_size=8",
+            "--config.mesh.data=1", "--steps=2", "--warmup_steps=1", "--json"]
+    code = ("import sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None); "
+            f"sys.argv = {argv!r}; from imagenet_jax.cli import run; run()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(1),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["mode"] == "synthetic" and row["images_per_sec"] > 0

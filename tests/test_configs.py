@@ -11,7 +11,7 @@ from imagenet_jax import models
 from imagenet_jax.config import base_config
 from imagenet_jax.data import pipeline
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape
-from imagenet_jax.train import loop
+from imagenet_jax.train import recipe
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 # Compiling a train step of these takes 20-70 s each on 2 CPU cores; the same code runs in
@@ -48,9 +48,9 @@ def test_config_trains_one_step_and_evaluates(path, tiny_dataset):
     config.mesh.data = 1  # one device: the cheapest place to build the big models
     if config.model == "inception_v3":
         config.model_options.aux_logits = False  # its aux head needs 299 px (googlenet's runs)
-    source, derived = loop.plan(config)
+    source, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = loop.build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     initial = jax.device_get(run.state.params)
 
     sharding = pipeline.Sharding(4)

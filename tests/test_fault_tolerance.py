@@ -16,7 +16,7 @@ from conftest import subprocess_env, tiny_config
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.metrics import read_records
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import loop
+from imagenet_jax.train import loop, recipe
 
 TOTAL_STEPS = 8 * (400 // 32)  # num_epochs=8 over the tiny dataset's 400 images
 
@@ -120,9 +120,9 @@ def test_checkpoint_from_4_devices_restores_on_8_2_and_1_with_the_same_eval(
     results = []
     for devices in (8, 2, 1):
         config.mesh.data = devices
-        source, derived = loop.plan(config)
+        source, derived = recipe.plan(config)
         mesh = mesh_from_shape(derived.mesh_shape)
-        run = loop.build(config, derived, mesh)
+        run = recipe.build(config, derived, mesh)
         checkpointer = Checkpointer(uninterrupted / "checkpoints", every_steps=1, keep=3)
         state = checkpointer.restore_latest(run.state)
         checkpointer.close()

@@ -16,7 +16,7 @@ from conftest import tiny_config
 
 from imagenet_jax.data import pipeline
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape
-from imagenet_jax.train import loop
+from imagenet_jax.train import recipe
 from imagenet_jax.train.loss_scale import GROWTH_PERIOD, INITIAL_SCALE, LossScale
 
 NUM_STEPS = 3
@@ -41,7 +41,7 @@ def _config(dataset_root, dtype):
 
 
 def _first_batches(config, num_batches):
-    source, _ = loop.plan(config)
+    source, _ = recipe.plan(config)
     batches = pipeline.train_dataset(
         source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
         seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
@@ -50,9 +50,9 @@ def _first_batches(config, num_batches):
 
 def _train(config, batches, initial_scale=None):
     """(per-step losses, final state on the host, the step's StableHLO text, metrics)."""
-    _, derived = loop.plan(config)
+    _, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = loop.build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     global_batches = [make_global_batch(batch, mesh) for batch in batches]
     hlo = run.train_step.lower(run.state, global_batches[0]).as_text()
     state, losses, all_metrics = run.state, [], []
@@ -124,7 +124,7 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(tiny_dataset):
     scale, which halves; none counts as a non-finite step (that would stop the run)."""
     config = _config(tiny_dataset, "float16")
     batches = _first_batches(config, 2)
-    initial = jax.device_get(loop.build(config, loop.plan(config)[1],
+    initial = jax.device_get(recipe.build(config, recipe.plan(config)[1],
                                         mesh_from_shape({"data": 1})).state)
     _, state, _, metrics = _train(config, batches, initial_scale=2.0**60)
     assert float(state.loss_scale.scale) == 2.0**58

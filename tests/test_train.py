@@ -8,12 +8,12 @@ from flax import nnx
 
 from imagenet_jax.data import pipeline
 from imagenet_jax.parallel import make_global_batch, make_mesh
-from imagenet_jax.train import loop, optim, steps
+from imagenet_jax.train import loop, optim, recipe, steps
 
 
 def _train(config, mesh, num_steps):
-    source, derived = loop.plan(config)
-    run = loop.build(config, derived, mesh)
+    source, derived = recipe.plan(config)
+    run = recipe.build(config, derived, mesh)
     batches = pipeline.train_dataset(
         source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
         seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
@@ -44,9 +44,9 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset):
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
     config = tiny_config(tiny_dataset, eval_batch_size=16)  # 70 = 4 * 16 + 6
-    source, derived = loop.plan(config)
+    source, derived = recipe.plan(config)
     mesh = make_mesh()
-    run = loop.build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     state, _ = _train(config, mesh, 4)  # a model whose predictions are not all alike
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, run.state))
     result = loop.run_eval(run.eval_step, state, source=source, config=config, mesh=mesh)
@@ -69,7 +69,7 @@ def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
 def test_learning_rate_warmup_then_cosine(tiny_dataset):
     config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=1.0,
                          num_epochs=4.0)
-    _, derived = loop.plan(config)
+    _, derived = recipe.plan(config)
     assert derived.steps_per_epoch == 6 and derived.num_train_steps == 24
     assert derived.peak_learning_rate == pytest.approx(0.1 * 64 / 256)
     lr = optim.create_learning_rate_fn(config, derived)
@@ -85,7 +85,7 @@ def test_learning_rate_warmup_then_cosine(tiny_dataset):
 def test_step_schedule_divides_at_the_given_epochs(tiny_dataset):
     config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=0.0,
                          num_epochs=4.0, lr_schedule="step", lr_decay_epochs=(2, 3))
-    _, derived = loop.plan(config)
+    _, derived = recipe.plan(config)
     lr = optim.create_learning_rate_fn(config, derived)
     peak = derived.peak_learning_rate
     assert [float(lr(s)) for s in (0, 11, 12, 18)] == pytest.approx(

@@ -1,9 +1,5 @@
-"""Benchmarks: `bench_train` times the train step, `bench_input` the input pipeline,
-`bench_scaling` the train step on 1, 2, 4, ... devices."""
+"""Benchmarks: `train.bench_train` times the train step, `input.bench_input` the input
+pipeline, `scaling.bench_scaling` the train step on 1, 2, 4, ... devices.
 
-from imagenet_jax.bench.input import bench_input
-from imagenet_jax.bench.scaling import bench_scaling, format_scaling_table
-from imagenet_jax.bench.train import bench_train, format_table
-
-__all__ = ["bench_input", "bench_scaling", "bench_train", "format_scaling_table",
-           "format_table"]
+Import the one you need: `bench train` with synthetic data needs no TensorFlow.
+"""

@@ -39,7 +39,7 @@ from imagenet_jax.data import input as data_input
 from imagenet_jax.data import pipeline, synthetic
 from imagenet_jax.data.sources import Source
 from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
-from imagenet_jax.train import loop
+from imagenet_jax.train import recipe
 
 
 def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats: int = 3,
@@ -48,7 +48,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     if batches < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"bench input needs batches >= 1, repeats >= 1, warmup >= 0; got "
                           f"{batches}, {repeats}, {warmup}")
-    source, derived = loop.plan(config)
+    source, derived = recipe.plan(config)
     if isinstance(source, synthetic.SyntheticSource):
         raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "
                           "on the devices; choose a folder:, tfds: or demo dataset")

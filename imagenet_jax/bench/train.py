@@ -1,6 +1,6 @@
 """`bench train`: how fast the configured model's train step runs, and how well it uses the chip.
 
-`bench_train(config)` builds the run exactly as the trainer does (`loop.plan`, `loop.build`),
+`bench_train(config)` builds the run exactly as the trainer does (`recipe.plan`, `recipe.build`),
 compiles the train step once, times it step by step, and reports compile time, step time,
 images/s, FLOPs from XLA's own cost analysis, a dense-matmul rate measured in the same
 process, their ratio (MFU) and peak memory. Every config override applies, so
@@ -25,10 +25,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagenet_jax.config import ConfigError, Derived
-from imagenet_jax.data import input as data_input
 from imagenet_jax.data import sources, synthetic
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import loop
+from imagenet_jax.train import recipe
 
 MODES = ("synthetic", "pipeline")
 MATMUL_TARGET_SECONDS = 0.05  # long enough per timed run that dispatch and timer noise vanish
@@ -61,9 +60,9 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
       matmul_size: side of the square matmul timed for `matmul_tflops`; default by platform.
     """
     check_arguments(mode, warmup_steps, steps)
-    source, derived = loop.plan(config)
+    source, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = loop.build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
                else pipeline_batches(config, source, mesh))
 
@@ -126,6 +125,8 @@ def synthetic_batches(config: ml_collections.ConfigDict, derived: Derived,
 def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source,
                      mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
     """The train loop's own input: its tf.data pipeline, prefetched to the devices."""
+    from imagenet_jax.data import input as data_input  # TensorFlow: only in this mode
+
     return data_input.train_batches(source, config, mesh)
 
 
@@ -163,7 +164,7 @@ def warm_compile_seconds(config: ml_collections.ConfigDict, derived: Derived, me
     persistent cache is on."""
     if not jax.config.jax_compilation_cache_dir:
         return None
-    again = loop.build(config, derived, mesh)
+    again = recipe.build(config, derived, mesh)
     start = time.perf_counter()
     again.train_step.lower(again.state, batch).compile()
     seconds = time.perf_counter() - start

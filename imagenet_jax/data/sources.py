@@ -16,10 +16,12 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 from imagenet_jax.data import demo, synthetic
 from imagenet_jax.data.spec import parse_dataset
@@ -70,6 +72,8 @@ class FolderSource:
         return len(self.files[split])
 
     def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+        import tensorflow as tf  # with the first pipeline: listing files needs no TensorFlow
+
         paths = tf.constant(self.files[split])
         labels = tf.constant(self.labels[split])
         return lambda index: (tf.io.read_file(paths[index]), labels[index])

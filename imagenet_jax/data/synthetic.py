@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import tensorflow as tf
 from jax.sharding import Mesh
 
 from imagenet_jax.parallel import batch_sharding
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 IMAGENET_SHAPE = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 

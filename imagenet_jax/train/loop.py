@@ -1,4 +1,4 @@
-"""The training loop: build everything from a config, train, evaluate, checkpoint.
+"""The training loop: the run `recipe` builds, trained, evaluated and checkpointed.
 
 `train_and_evaluate(config, workdir)` is the whole run; the CLI only parses flags
 and calls it. Re-running on the same workdir resumes from the latest checkpoint.
@@ -10,44 +10,35 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from clu import parameter_overview, periodic_actions
-from flax import nnx
-from jax.sharding import Mesh
 
-from imagenet_jax import models
 from imagenet_jax.checkpoint import Checkpointer
-from imagenet_jax.config import ConfigError, Derived, derive, validate
+from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import input as data_input
-from imagenet_jax.data import sources
 from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
-from imagenet_jax.models.layers import batchnorm_groups, set_batchnorm_groups
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.parallel.sharding import ShardingRules
+from imagenet_jax.train import recipe
 from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
-from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
-from imagenet_jax.train.state import TrainState, create_train_state
-from imagenet_jax.train.steps import jit_eval_step, jit_train_step
+from imagenet_jax.train.state import TrainState
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains `config` in `workdir` to the end and returns the final validation metrics."""
     workdir = Path(workdir)
     check_writable(workdir)
-    source, derived = plan(config)
+    source, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
                  derived.num_processes, derived)
     if jax.process_index() == 0:
         save_config(workdir, config, derived)
 
-    run = build(config, derived, mesh)
+    run = recipe.build(config, derived, mesh)
     state = run.state
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                                 keep=config.keep_checkpoints)
@@ -122,60 +113,6 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     finally:
         preemption.close()
     return val_metrics
-
-
-def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
-    """Validates `config`, opens its dataset and derives the run's numbers from both.
-
-    Raises ConfigError, before anything is built, for anything the user must fix.
-    """
-    validate(config, model_names=models.names(), num_devices=jax.device_count(),
-             num_processes=jax.process_count())
-    try:
-        source = sources.get_source(config.dataset, config.data_dir or None)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
-    derived = derive(config, num_classes=source.num_classes,
-                     num_train_examples=source.num_examples("train"),
-                     num_eval_examples=source.num_examples("val"),
-                     num_devices=jax.device_count(), num_processes=jax.process_count(),
-                     platform=jax.devices()[0].platform)
-    return source, derived
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What a run is made of, built from its config: model, state and compiled steps."""
-
-    graphdef: nnx.GraphDef
-    state: TrainState
-    train_step: Callable    # (state, batch) -> (state, TrainMetrics); donates state
-    eval_step: Callable     # (state, batch) -> EvalMetrics
-    learning_rate_fn: Callable
-
-
-def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
-    """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
-    learning_rate_fn = create_learning_rate_fn(config, derived)
-    tx = create_optimizer(config, learning_rate_fn)
-    dtype = jnp.dtype(derived.compute_dtype)
-
-    # Every mesh axis splits the batch, so the batch is cut over all the mesh's devices.
-    bn_groups = batchnorm_groups(config.batchnorm_group_size, mesh.devices.size)
-
-    def model_fn(rngs: nnx.Rngs) -> nnx.Module:
-        model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
-                              rngs=rngs, **config.model_options)
-        return set_batchnorm_groups(model, bn_groups)
-
-    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
-                                         dynamic_loss_scale=dtype == jnp.float16,
-                                         rules=ShardingRules.from_config(config))
-    train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
-                                learning_rate_fn=learning_rate_fn,
-                                label_smoothing=config.label_smoothing, dtype=dtype)
-    eval_step = jit_eval_step(mesh, state, graphdef=graphdef, dtype=dtype)
-    return Run(graphdef, state, train_step, eval_step, learning_rate_fn)
 
 
 def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,

@@ -1,0 +1,81 @@
+"""From a config to a runnable step: `plan` checks it and derives the run's numbers,
+`build` makes the model, the state on the mesh and the compiled train and eval steps.
+
+The training loop and the benchmarks share these, so `bench train` measures exactly
+the step a run trains with. Nothing here imports TensorFlow: with the synthetic
+dataset, `bench train` runs where only JAX and its libraries are installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from imagenet_jax import models
+from imagenet_jax.config import ConfigError, Derived, derive, validate
+from imagenet_jax.data import sources
+from imagenet_jax.models.layers import batchnorm_groups, set_batchnorm_groups
+from imagenet_jax.parallel.sharding import ShardingRules
+from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
+from imagenet_jax.train.state import TrainState, create_train_state
+from imagenet_jax.train.steps import jit_eval_step, jit_train_step
+
+
+def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
+    """Validates `config`, opens its dataset and derives the run's numbers from both.
+
+    Raises ConfigError, before anything is built, for anything the user must fix.
+    """
+    validate(config, model_names=models.names(), num_devices=jax.device_count(),
+             num_processes=jax.process_count())
+    try:
+        source = sources.get_source(config.dataset, config.data_dir or None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
+    derived = derive(config, num_classes=source.num_classes,
+                     num_train_examples=source.num_examples("train"),
+                     num_eval_examples=source.num_examples("val"),
+                     num_devices=jax.device_count(), num_processes=jax.process_count(),
+                     platform=jax.devices()[0].platform)
+    return source, derived
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run is made of, built from its config: model, state and compiled steps."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    train_step: Callable    # (state, batch) -> (state, TrainMetrics); donates state
+    eval_step: Callable     # (state, batch) -> EvalMetrics
+    learning_rate_fn: Callable
+
+
+def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
+    """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
+    learning_rate_fn = create_learning_rate_fn(config, derived)
+    tx = create_optimizer(config, learning_rate_fn)
+    dtype = jnp.dtype(derived.compute_dtype)
+
+    # Every mesh axis splits the batch, so the batch is cut over all the mesh's devices.
+    bn_groups = batchnorm_groups(config.batchnorm_group_size, mesh.devices.size)
+
+    def model_fn(rngs: nnx.Rngs) -> nnx.Module:
+        model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
+                              rngs=rngs, **config.model_options)
+        return set_batchnorm_groups(model, bn_groups)
+
+    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
+                                         dynamic_loss_scale=dtype == jnp.float16,
+                                         rules=ShardingRules.from_config(config))
+    train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
+                                learning_rate_fn=learning_rate_fn,
+                                label_smoothing=config.label_smoothing, dtype=dtype)
+    eval_step = jit_eval_step(mesh, state, graphdef=graphdef, dtype=dtype)
+    return Run(graphdef, state, train_step, eval_step, learning_rate_fn)
