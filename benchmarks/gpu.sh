@@ -3,9 +3,11 @@
 # one XLA GPU option at a time. Prints one table at the end.
 #
 # Usage (from anywhere; it runs in the repository root):
-#   benchmarks/gpu.sh [--dry-run] [--install] [--out=DIR] [--only=REGEX] [--steps=N]
-#                     [--warmup-steps=N] [--budget-s=S] [--python=PATH] [--cpu-smoke]
-# Needs `pip install -e '.[cuda]'` done first, or pass --install to do it here.
+#   benchmarks/gpu.sh [--dry-run] [--install] [--wheels=DIR] [--out=DIR] [--only=REGEX]
+#                     [--steps=N] [--warmup-steps=N] [--budget-s=S] [--python=PATH] [--cpu-smoke]
+# Needs `pip install -e '.[cuda]'` done first, or pass --install to do it here; or, on a
+# machine with JAX for its GPU but no package index, --wheels=DIR installs the wheels in DIR
+# (no index, no dependencies) into a folder put first on PYTHONPATH (see "The device tool").
 # --dry-run prints the plan and exits; --cpu-smoke runs the same plan on the CPU with
 # ResNet-tiny at 32 px, to test this script (not the GPU) where there is no GPU.
 #
@@ -23,6 +25,19 @@
 # matmul calibration. ResNet-50 b256 ~70 s, ResNet-18 b256 ~40 s, AlexNet b512 ~30 s,
 # VGG-16 b128 ~45 s, each ResNet-50 option ~70 s: about 6.5 min for all seven. The script
 # stops starting runs when --budget-s (default 450 s) is spent, so it ends within 8 min.
+#
+# The device tool (one H200, 15 minutes a task, no package index; its image has Python
+# 3.12, JAX 0.11.2 for CUDA 13, flax, optax, orbax, but no TensorFlow, ml_collections or
+# clu; nothing on bench train's synthetic path imports TensorFlow). Here, first:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#     flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 ml_collections==1.1.0 clu==0.0.12
+# (2.5 MB, pure Python: the versions the suite passes with), then one `run` with
+# carry [".whl"] and timeout_s 590:
+#   benchmarks/gpu.sh --python=python3 --wheels=.whl --out=/tmp/gpu; \
+#     tar czf "$OUT/gpu.tgz" -C /tmp gpu
+# JAX stays the image's 0.11.2 (its jaxlib and CUDA plugin are too large to carry): the
+# table's header names the version that ran.
 #
 # Predictions, to check against the table:
 #   --xla_gpu_autotune_level=4  is the default in jaxlib 0.10.2 (`XLA_FLAGS=--help` prints
@@ -59,6 +74,7 @@ RUNS=(
 
 dry_run=0
 install=0
+wheels=""
 cpu_smoke=0
 only=""
 steps=20
@@ -86,6 +102,7 @@ parse_args() {
     case "$arg" in
       --dry-run) dry_run=1 ;;
       --install) install=1 ;;
+      --wheels=*) wheels="${arg#*=}" ;;
       --cpu-smoke) cpu_smoke=1 ;;
       --only=*) only="${arg#*=}" ;;
       --steps=*) steps="${arg#*=}" ;;
@@ -94,7 +111,7 @@ parse_args() {
       --python=*) python="${arg#*=}" ;;
       --out=*) out="${arg#*=}" ;;
       -h | --help) usage; exit 0 ;;
-      *) die "unknown argument '$arg'; valid: --dry-run --install --out=DIR --only=REGEX" \
+      *) die "unknown argument '$arg'; valid: --dry-run --install --wheels=DIR --out=DIR --only=REGEX" \
                "--steps=N --warmup-steps=N --budget-s=S --python=PATH --cpu-smoke (see --help)" ;;
     esac
   done
@@ -103,6 +120,10 @@ parse_args() {
   fi
   is_count "$warmup_steps" || die "--warmup-steps must be an integer >= 0, got '$warmup_steps'"
   is_count "$budget_s" || die "--budget-s must be a whole number of seconds, got '$budget_s'"
+  if [[ -n "$wheels" ]]; then
+    compgen -G "$wheels/*.whl" >/dev/null || die "--wheels=$wheels holds no .whl files"
+    wheels="$(cd "$wheels" && pwd)"
+  fi
   if [[ -n "$only" ]]; then
     # grep exits 2 on a bad pattern and 1 on no match: both are the user's to fix.
     local rc=0
@@ -147,6 +168,9 @@ print_plan() {
   if ((install)); then
     echo "first: $python -m pip install -e '.[cuda]'"
   fi
+  if [[ -n "$wheels" ]]; then
+    echo "first: install $(compgen -G "$wheels/*.whl" | xargs -n1 basename | tr '\n' ' ')into $out/site"
+  fi
   if ((!cpu_smoke)); then
     echo "preflight: check that JAX sees a GPU"
   fi
@@ -167,6 +191,12 @@ preflight() {
   if ((install)); then
     "$python" -m pip install -e '.[cuda]'
   fi
+  mkdir -p "$out"
+  if [[ -n "$wheels" ]]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$out/site" "$wheels"/*.whl
+    export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   if ((cpu_smoke)); then
     export JAX_PLATFORMS=cpu
   elif ! "$python" -c 'import jax, sys; sys.exit(jax.devices()[0].platform != "gpu")'; then
@@ -174,7 +204,6 @@ preflight() {
          2>/dev/null || echo 'jax does not import')); install with --install or" \
         "pip install -e '.[cuda]'"
   fi
-  mkdir -p "$out"
 }
 
 # Runs one benchmark; appends "index<TAB>label<TAB>flags<TAB>status<TAB>json<TAB>log" to runs.tsv.

@@ -93,7 +93,10 @@ def test_every_launcher_is_checked():
 
 
 def _launchers() -> list[Path]:
-    return sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+    """The launchers, and benchmarks/gpu.sh: a shell script run where a mistake is costly
+    (a lent GPU's minutes)."""
+    return (sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch")) +
+            [REPO / "benchmarks" / "gpu.sh"])
 
 
 @pytest.mark.parametrize("script", _launchers(), ids=lambda path: path.name)
@@ -101,6 +104,25 @@ def test_shellcheck_clean(script):
     checked = subprocess.run([_shellcheck(), "-s", "bash", str(script)], capture_output=True,
                              text=True, timeout=TIMEOUT_S)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# benchmarks/gpu.sh
+
+
+def test_gpu_script_plans_seven_runs_and_installs_the_wheels_given(tmp_path):
+    (tmp_path / "clu-0.0.12-py3-none-any.whl").touch()
+    plan = subprocess.run([REPO / "benchmarks" / "gpu.sh", "--dry-run", f"--wheels={tmp_path}",
+                           f"--out={tmp_path / 'out'}"], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert plan.returncode == 0, plan.stderr
+    assert "Plan: 7 run(s)" in plan.stdout
+    assert f"install clu-0.0.12-py3-none-any.whl into {tmp_path / 'out'}/site" in plan.stdout
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run([REPO / "benchmarks" / "gpu.sh", "--dry-run", f"--wheels={empty}"],
+                             capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert refused.returncode == 2 and "holds no .whl files" in refused.stderr
 
 
 # launch/tpu_vm.sh
