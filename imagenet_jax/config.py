@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 'stop' ends the run (exit code 3) and 'skip' counts it and carries on.
     c.on_nonfinite = "stop"
     c.prefetch_batches = 2           # global batches in flight to the devices
+    # Trace steps [profile_start_step, profile_start_step + profile_num_steps) with
+    # jax.profiler into WORKDIR/profile (process 0; view with TensorBoard's profile plugin
+    # or xprof). 0 steps = off. Start after compilation and warm-up: step 1 compiles.
+    c.profile_start_step = 10
+    c.profile_num_steps = 0
     return c
 
 
@@ -175,6 +180,10 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
         check(config[name] > 0, f"{name} must be positive, got {config[name]}")
     check(config.eval_every_epochs > 0,
           f"eval_every_epochs must be positive, got {config.eval_every_epochs}")
+    check(config.profile_start_step >= 1,
+          f"profile_start_step must be >= 1, got {config.profile_start_step}")
+    check(config.profile_num_steps >= 0,
+          f"profile_num_steps must be >= 0, got {config.profile_num_steps}")
     validate_sharding(config, shape)
 
 

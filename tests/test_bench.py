@@ -139,18 +139,24 @@ def test_bad_arguments_fail_before_anything_runs(tiny_dataset, kwargs, message):
 
 
 def test_train_loop_compiles_each_step_once(tiny_dataset, tmp_path):
-    """Interleaved evals and logs must not recompile the train or eval step.
+    """Interleaved evals, logs and a profile must not recompile the train or eval step.
 
     400 train examples at batch 32: 12 steps an epoch, 24 in all, an eval every 6
-    steps (the last eval batch padded: 70 examples at 16), a log every 3.
+    steps (the last eval batch padded: 70 examples at 16), a log every 3, step 6 traced
+    by the profiler.
     """
     config = tiny_config(tiny_dataset, num_epochs=2.0, eval_every_epochs=0.5,
-                         log_every_steps=3, checkpoint_every_steps=100)
+                         log_every_steps=3, checkpoint_every_steps=100,
+                         profile_start_step=6, profile_num_steps=1)
+    config.mesh.data = 1  # a trace of 8 fake devices costs ~9 s more on 2 cores
     with count_compilations() as counts:
         result = loop.train_and_evaluate(config, tmp_path / "run")
     assert result["step"] == 24 and result["num_examples"] == 70
     assert counts["train_step"] == 1, dict(counts)
     assert counts["eval_step"] == 1, dict(counts)
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1, traces
+    assert b"train_step" in traces[0].read_bytes(), "the trace holds the step's execution"
 
 
 def test_bench_train_on_synthetic_data_runs_without_tensorflow():

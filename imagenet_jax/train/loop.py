@@ -55,9 +55,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
 
     train_batches = data_input.train_batches(source, config, mesh, start_step)
+    profiler = StepProfiler(workdir / "profile", config.profile_start_step,
+                            config.profile_num_steps)
     try:
         val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
-                                  start_step, checkpointer, logger, evaluate)
+                                  start_step, checkpointer, logger, evaluate, profiler)
     finally:
         checkpointer.close()
         logger.close()
@@ -65,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
-                logger, evaluate) -> dict:
+                logger, evaluate, profiler) -> dict:
     """Steps from `start_step` to the end, with logs, evals, checkpoints and early stops.
 
     The host only waits on the device at sync points: a log, an eval, a checkpoint.
@@ -80,8 +82,10 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     last_log_time, last_log_step = time.perf_counter(), start_step
     try:
         for step in range(start_step + 1, derived.num_train_steps + 1):
+            profiler.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = train_step(state, next(train_batches))
+            profiler.after(step, state)
             buffer.add(step, metrics)
             report_progress(step)
             is_last = step == derived.num_train_steps
@@ -112,7 +116,38 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
         checkpointer.wait()
     finally:
         preemption.close()
+        profiler.close()
     return val_metrics
+
+
+class StepProfiler:
+    """Traces steps [first, first + count) with jax.profiler into `log_dir`, on process 0.
+
+    The trace waits for the last traced step to finish on the devices, so it holds
+    their work, not only its dispatch: one sync point, only when profiling.
+    """
+
+    def __init__(self, log_dir: Path, first: int, count: int):
+        self.log_dir, self.first, self.last = log_dir, first, first + count - 1
+        self.enabled = count > 0 and jax.process_index() == 0
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(str(self.log_dir))
+            self.tracing = True
+
+    def after(self, step: int, state) -> None:
+        if self.tracing and step == self.last:
+            jax.block_until_ready(state)
+            self.close()
+            logging.info("Profile of steps %d-%d written under %s (TensorBoard's profile "
+                         "plugin or xprof reads it).", self.first, self.last, self.log_dir)
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,
