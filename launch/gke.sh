@@ -15,7 +15,8 @@
 # Variables, both kinds:
 #   JOBSET_NAME      name of the JobSet: lowercase letters, digits and '-', at most 40
 #   IMAGE            container image with imagenet_jax installed (`pip install '.[tpu]'` or
-#                    '.[cuda]') and `imagenet-jax` on its PATH, run from the repository root
+#                    '.[cuda]') and `imagenet-jax` on its PATH, run from the repository root:
+#                    launch/gke/Dockerfile builds one (its header has the commands)
 #   BUCKET           Cloud Storage bucket, mounted at /gcs in every pod (Cloud Storage FUSE
 #                    CSI driver; SERVICE_ACCOUNT needs read-write access to it)
 #   WORKDIR          the run's folder, which every pod sees (default /gcs/runs/JOBSET_NAME);

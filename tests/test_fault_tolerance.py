@@ -14,6 +14,7 @@ from chaos import REPO, chaos, checkpoint_steps, command, final_params, run_to_e
 from conftest import subprocess_env, tiny_config
 
 from imagenet_jax.checkpoint import Checkpointer
+from imagenet_jax.config import ConfigError
 from imagenet_jax.metrics import read_records
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import loop, recipe
@@ -145,3 +146,8 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "is not writable" in result.stderr
+
+
+def test_a_url_workdir_fails_at_start_instead_of_writing_locally(tmp_path):
+    with pytest.raises(ConfigError, match="URLs are not supported"):
+        loop.check_writable("gs://bucket/run")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,26 @@ def test_tpu_vm_names_a_missing_variable(tmp_path, command, missing):
 
 
 # launch/gke.sh and launch/gke/*.yaml
+
+
+def test_dockerfile_builds_from_what_the_context_holds():
+    """No Docker daemon here: check what a build would need. Every COPY source exists and
+    passes .dockerignore, each ACCELERATOR is an extra of pyproject.toml, and the
+    working directory holds configs/, which the JobSets' --config paths name."""
+    dockerfile = (LAUNCH / "gke" / "Dockerfile").read_text()
+    ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines()
+              if line and not line.startswith("#")]
+    admitted = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert ignore[0] == "*", "the context starts empty and admits what the build copies"
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY")]
+    for sources in copied:
+        for source in sources:
+            assert (REPO / source).exists() and source.rstrip("/") in admitted, source
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for accelerator in ("tpu", "cuda"):
+        assert accelerator in extras and f"ACCELERATOR={accelerator}" in dockerfile
+    assert "COPY configs ./configs" in dockerfile and "WORKDIR /imagenet_jax" in dockerfile
 
 GKE = dict(JOBSET_NAME="rn50", IMAGE="us-docker.pkg.dev/my-project/ml/imagenet-jax:1",
            BUCKET="my-bucket")

@@ -29,8 +29,8 @@ from imagenet_jax.train.state import TrainState
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains `config` in `workdir` to the end and returns the final validation metrics."""
-    workdir = Path(workdir)
     check_writable(workdir)
+    workdir = Path(workdir)
     source, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
@@ -172,8 +172,15 @@ def report_skipped(skipped: dict[int, str], when: str) -> None:
                         len(skipped), jax.process_index(), "\n  ".join(skipped.values()))
 
 
-def check_writable(workdir: Path) -> None:
+def check_writable(workdir: str | Path) -> None:
     """Fails at start, not at the first save, when the workdir cannot be written."""
+    if "://" in str(workdir):
+        # pathlib would quietly make a local folder 'gs:/bucket/...' and lose the run with
+        # the machine.
+        raise ConfigError(f"workdir {workdir}: URLs are not supported, the run writes "
+                          "through the file system; mount the bucket (Cloud Storage FUSE, "
+                          "NFS) and give its path")
+    workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_test.{jax.process_index()}"
