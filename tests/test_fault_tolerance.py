@@ -115,12 +115,15 @@ def test_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
     checkpointer.close()
 
 
-def test_checkpoint_from_4_devices_restores_on_8_2_and_1_with_the_same_eval(
+def test_checkpoint_from_4_devices_restores_on_8_2_and_1_and_into_fsdp_with_the_same_eval(
         tiny_dataset, uninterrupted):
-    config = tiny_config(tiny_dataset, num_epochs=8.0)  # the uninterrupted run: 4 devices
+    """The uninterrupted run's checkpoint (4 devices, replicated state) restores on other
+    device counts, and into an fsdp layout (data 2 x fsdp 4: the convolutions and their
+    momentum split four ways), each giving the run's own final eval."""
     results = []
-    for devices in (8, 2, 1):
-        config.mesh.data = devices
+    for data, fsdp in ((8, 1), (2, 1), (1, 1), (2, 4)):
+        config = tiny_config(tiny_dataset, num_epochs=8.0, fsdp_min_size=1024)
+        config.mesh.data, config.mesh.fsdp = data, fsdp
         source, derived = recipe.plan(config)
         mesh = mesh_from_shape(derived.mesh_shape)
         run = recipe.build(config, derived, mesh)
@@ -130,11 +133,13 @@ def test_checkpoint_from_4_devices_restores_on_8_2_and_1_with_the_same_eval(
         assert int(state.step) == TOTAL_STEPS
         placed = {d.id for d in jax.tree.leaves(state.params)[0].devices()}
         assert placed == {d.id for d in mesh.devices.flat}
+        specs = [x.sharding.spec for x in jax.tree.leaves((state.params, state.opt_state))]
+        assert any("fsdp" in spec for spec in specs) == (fsdp > 1)
         results.append(loop.run_eval(run.eval_step, state, source=source, config=config,
                                      mesh=mesh))
     logged = [r for r in read_records(uninterrupted / "metrics.jsonl") if r["split"] == "val"]
     assert all(r["num_examples"] == 70 for r in results)
-    assert results[0]["top1"] == results[1]["top1"] == results[2]["top1"] == logged[-1]["top1"]
+    assert {r["top1"] for r in results} == {logged[-1]["top1"]}
     np.testing.assert_allclose([r["loss"] for r in results], logged[-1]["loss"], rtol=1e-5)
 
 
