@@ -46,8 +46,8 @@ def summary(text: str, param_bytes: int) -> None:
     by_kind = {}
     for kind, instructions in hlo.collectives(text).items():
         # A reduce-scatter's input, not its (1/n) result, is the array reduced.
-        by_kind[kind] = [hlo.nbytes(i.rest.split(")")[0] if kind == "reduce-scatter" else i.shape)
-                         for i in instructions]
+        by_kind[kind] = [hlo.nbytes(i.rest.split(")")[0]) if kind == "reduce-scatter"
+                         else hlo.nbytes(hlo.result_arrays(i)) for i in instructions]
     print(f"  parameter bytes {param_bytes:,}")
     for kind, sizes in sorted(by_kind.items()):
         sizes.sort(reverse=True)

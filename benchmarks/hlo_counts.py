@@ -83,11 +83,11 @@ def summary(text, param_bytes):
     copies = [(s, r) for _, s, op, r in entry
               if op == "copy" and r.split(")")[0].lstrip("%") in inputs]
     print(f"copies of state inputs: {len(copies)}, {sum(hlo.nbytes(s) for s, _ in copies):,} bytes")
-    all_reduces = sorted((hlo.nbytes(s) for _, s, op, _ in entry if op == "all-reduce"),
-                         reverse=True)
+    found = hlo.collectives(text)
+    all_reduces = sorted((hlo.nbytes(i.shape) for i in found["all-reduce"]), reverse=True)
     print(f"all-reduce: {len(all_reduces)} ops, {sum(all_reduces):,} bytes "
           f"({sum(all_reduces) / param_bytes:.4f} x parameter bytes); largest {all_reduces[:3]}; "
-          "all-gather:", [s for _, s, op, _ in entry if op == "all-gather"])
+          "all-gather:", [i.shape for i in found["all-gather"]])
 
 
 summary(*compiled(batch_size=8, mesh_data=1))

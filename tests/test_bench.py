@@ -159,6 +159,16 @@ def test_train_loop_compiles_each_step_once(tiny_dataset, tmp_path):
     assert b"train_step" in traces[0].read_bytes(), "the trace holds the step's execution"
 
 
+def test_profile_window_is_what_the_run_has_left(tmp_path):
+    window = lambda first, count, start, end: loop.StepProfiler(  # noqa: E731
+        tmp_path, first, count, start, end).steps
+    assert window(10, 5, 0, 100) == range(10, 15)
+    assert window(10, 5, 12, 100) == range(13, 15), "a resumed run traces what is left"
+    assert window(10, 5, 0, 12) == range(10, 13), "clamped to the run's last step"
+    assert not window(10, 5, 20, 100) and not window(200, 5, 0, 100)
+    assert not window(10, 0, 0, 100), "0 steps: off"
+
+
 def test_bench_train_on_synthetic_data_runs_without_tensorflow():
     """The GPU check runs on machines that have JAX and its libraries but no TensorFlow
     (the input pipeline's library): nothing on that path may import it."""

@@ -29,8 +29,8 @@ FSDP_MIN_SIZE = 1024  # resnet_tiny's 3x3 convs (2,304+ elements) shard; BN and 
 
 
 def result_arrays(instructions: list[hlo.Instruction]) -> set[tuple[int, ...]]:
-    """The dimensions of every array the instructions return (tuples unpacked)."""
-    return {dims for i in instructions for _, dims in hlo.arrays(i.shape)}
+    """The dimensions of every array the collectives produce (tuples unpacked)."""
+    return {dims for i in instructions for _, dims in hlo.result_arrays(i)}
 
 
 def _config(dataset, data, fsdp, **overrides):
@@ -252,4 +252,7 @@ ENTRY %main (p: f32[8,4]) -> f32[4] {
         "all-reduce": ["ars"], "all-gather": ["ag"]}
     assert hlo.nbytes(found["all-reduce"][0].shape) == 8 * 4 * 4 + 3 * 2
     assert hlo.arrays(found["all-gather"][0].shape) == [("pred", (5,))]
+    gather_start = hlo.Instruction("g", "(f32[2,4]{1,0}, f32[16,4]{1,0})", "all-gather-start", "")
+    assert hlo.result_arrays(gather_start) == [("f32", (16, 4))]  # the operand is not gathered
+    assert hlo.nbytes("(f8e4m3fn[4,2]{1,0}, s4[3]{0})") == 8 + 2
     assert [i.opcode for i in hlo.computations(text)["ENTRY"]][0] == "parameter"

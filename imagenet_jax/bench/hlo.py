@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 # `  %name = SHAPE opcode(operands), attributes`; a tuple SHAPE is parenthesised.
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+|\(.*?\)) ([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+(?:e\d+m\d+\w*)?)\[([0-9,]*)\]")  # f8e4m3fn too
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 
 
@@ -53,7 +53,19 @@ def arrays(shapes: str) -> list[tuple[str, tuple[int, ...]]]:
             for dtype, dims in _ARRAY.findall(shapes)]
 
 
-def nbytes(shapes: str) -> int:
-    """The bytes of every array in HLO shape text (pred: 1 byte; fN, sN, uN: N bits)."""
-    return sum((1 if dtype == "pred" else int(dtype.lstrip("bfsu")) // 8) * math.prod(dims)
-               for dtype, dims in arrays(shapes))
+def result_arrays(instruction: Instruction) -> list[tuple[str, tuple[int, ...]]]:
+    """The arrays a collective produces. An async `all-gather-start` returns its operands
+    and its results together; only the results (the second half) are what it gathers."""
+    found = arrays(instruction.shape)
+    return found[len(found) // 2:] if instruction.opcode == "all-gather-start" else found
+
+
+def nbytes(shapes: str | list[tuple[str, tuple[int, ...]]]) -> int:
+    """The bytes of every array in HLO shape text, or in `arrays`' list (pred: 1 byte;
+    fN, sN, uN, f8e4m3fn...: N bits, rounded up to whole bytes per array)."""
+    listed = arrays(shapes) if isinstance(shapes, str) else shapes
+    return sum(-(-_bits(dtype) * math.prod(dims) // 8) for dtype, dims in listed)
+
+
+def _bits(dtype: str) -> int:
+    return 8 if dtype == "pred" else int(re.match(r"[a-z]+?(\d+)", dtype).group(1))

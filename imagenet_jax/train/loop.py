@@ -56,7 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     train_batches = data_input.train_batches(source, config, mesh, start_step)
     profiler = StepProfiler(workdir / "profile", config.profile_start_step,
-                            config.profile_num_steps)
+                            config.profile_num_steps, start_step, derived.num_train_steps)
     try:
         val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
                                   start_step, checkpointer, logger, evaluate, profiler)
@@ -115,39 +115,55 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
                 raise Preempted(step)
         checkpointer.wait()
     finally:
-        preemption.close()
-        profiler.close()
+        try:
+            preemption.close()
+        finally:
+            profiler.close(quietly=True)  # a failing trace write must not hide why we stop
     return val_metrics
 
 
 class StepProfiler:
     """Traces steps [first, first + count) with jax.profiler into `log_dir`, on process 0.
 
-    The trace waits for the last traced step to finish on the devices, so it holds
-    their work, not only its dispatch: one sync point, only when profiling.
+    Only the steps this run will take are traced: a resumed run traces what is left of
+    the window, and a window past the end says so. The trace waits for its last step to
+    finish on the devices, so it holds their work, not only its dispatch: one sync
+    point, only when profiling.
     """
 
-    def __init__(self, log_dir: Path, first: int, count: int):
-        self.log_dir, self.first, self.last = log_dir, first, first + count - 1
-        self.enabled = count > 0 and jax.process_index() == 0
+    def __init__(self, log_dir: Path, first: int, count: int, start_step: int,
+                 num_train_steps: int):
+        self.log_dir = log_dir
+        self.steps = range(max(first, start_step + 1), min(first + count, num_train_steps + 1))
+        self.enabled = bool(self.steps) and jax.process_index() == 0
         self.tracing = False
+        if count and not self.steps and jax.process_index() == 0:
+            logging.warning("profile_start_step=%d, profile_num_steps=%d: no step of %d-%d "
+                            "to trace.", first, count, start_step + 1, num_train_steps)
 
     def before(self, step: int) -> None:
-        if self.enabled and step == self.first:
+        if self.enabled and step == self.steps.start:
             jax.profiler.start_trace(str(self.log_dir))
             self.tracing = True
 
     def after(self, step: int, state) -> None:
-        if self.tracing and step == self.last:
+        if self.tracing and step == self.steps[-1]:
             jax.block_until_ready(state)
             self.close()
             logging.info("Profile of steps %d-%d written under %s (TensorBoard's profile "
-                         "plugin or xprof reads it).", self.first, self.last, self.log_dir)
+                         "plugin or xprof reads it).", self.steps.start, step, self.log_dir)
 
-    def close(self) -> None:
-        if self.tracing:
+    def close(self, quietly: bool = False) -> None:
+        """Stops a trace in progress; `quietly` logs a failure to write it instead."""
+        if not self.tracing:
+            return
+        self.tracing = False
+        try:
             jax.profiler.stop_trace()
-            self.tracing = False
+        except Exception as e:  # noqa: BLE001 - the run's own outcome matters more
+            if not quietly:
+                raise
+            logging.warning("Could not write the profile under %s: %s", self.log_dir, e)
 
 
 def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,

@@ -81,18 +81,18 @@ def flip_left_right(images: jax.Array, flip: jax.Array) -> jax.Array:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest logits: exactly `lax.top_k`'s answer.
+    """1.0 where the label is among the k highest logits: `lax.top_k`'s answer for rows
+    without NaN (+0 and -0 compare equal here); a row holding a NaN is never correct.
 
     The label's rank is the number of logits ahead of it (greater, or equal at a lower
     index: top_k's order), so this is a compare and a sum over the classes of each row.
-    Unlike top_k (a sort), it needs no all-gather of batch-sharded logits and no
-    sort. A NaN label logit is never correct.
+    Unlike top_k (a sort), it needs no all-gather of batch-sharded logits.
     """
     label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     classes = jnp.arange(logits.shape[-1])
     ahead = (logits > label_logits) | ((logits == label_logits) & (classes < labels[:, None]))
     rank = jnp.sum(ahead, axis=-1)
-    return ((rank < k) & ~jnp.isnan(label_logits[:, 0])).astype(jnp.float32)
+    return ((rank < k) & ~jnp.any(jnp.isnan(logits), axis=-1)).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
