@@ -38,7 +38,7 @@ class TrainState:
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    return graphdef, params.to_pure_dict(), model_state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
 
 
 def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],

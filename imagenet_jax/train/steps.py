@@ -136,7 +136,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         objective = masked_mean(loss)
         for weight, aux in zip(model.aux_loss_weights, aux_logits, strict=True):
             objective += weight * masked_mean(cross_entropy(aux, labels, label_smoothing))
-        new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         scaled = objective * scale if scaling else objective
         return scaled, (objective, loss, logits, new_model_state)
 
@@ -144,7 +144,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     (_, (objective, loss, logits, model_state)), grads = grad_fn(state.params)
     if scaling:
         grads = jax.tree.map(lambda g: g / scale, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step leaves the state as it was: NaNs never reach a checkpoint. The
