@@ -126,9 +126,9 @@ class StepProfiler:
     """Traces steps [first, first + count) with jax.profiler into `log_dir`, on process 0.
 
     Only the steps this run will take are traced: a resumed run traces what is left of
-    the window, and a window past the end says so. The trace waits for its last step to
-    finish on the devices, so it holds their work, not only its dispatch: one sync
-    point, only when profiling.
+    the window, and a window starting past the run's end is warned about. The trace
+    waits for its last step to finish on the devices, so it holds their work, not only
+    its dispatch: one sync point, only when profiling.
     """
 
     def __init__(self, log_dir: Path, first: int, count: int, start_step: int,
@@ -137,9 +137,10 @@ class StepProfiler:
         self.steps = range(max(first, start_step + 1), min(first + count, num_train_steps + 1))
         self.enabled = bool(self.steps) and jax.process_index() == 0
         self.tracing = False
-        if count and not self.steps and jax.process_index() == 0:
-            logging.warning("profile_start_step=%d, profile_num_steps=%d: no step of %d-%d "
-                            "to trace.", first, count, start_step + 1, num_train_steps)
+        if count and first > num_train_steps and jax.process_index() == 0:
+            # (A window a resumed run has passed was traced by the run before: no warning.)
+            logging.warning("profile_start_step=%d is past the run's last step (%d): "
+                            "nothing will be traced.", first, num_train_steps)
 
     def before(self, step: int) -> None:
         if self.enabled and step == self.steps.start:
