@@ -16,13 +16,9 @@ import time
 
 os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                   XLA_FLAGS="--xla_force_host_platform_device_count=8")
-import jax  # noqa: E402
 
 from imagenet_jax.bench import hlo  # noqa: E402
-from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
 from imagenet_jax.config import base_config  # noqa: E402
-from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
-from imagenet_jax.train import recipe  # noqa: E402
 
 LAYOUTS = {"dp": ({"data": 8, "fsdp": 1}, 0), "dp_bn1": ({"data": 8, "fsdp": 1}, 1),
            "fsdp": ({"data": 2, "fsdp": 4}, 0)}
@@ -34,12 +30,7 @@ def compiled_step(dataset: str, model: str, image_size: int, layout: str):
     config.update(model=model, dataset=dataset, image_size=image_size, batch_size=16,
                   eval_batch_size=16, batchnorm_group_size=group_size)
     config.mesh.update(mesh_sizes)
-    _, derived = recipe.plan(config)
-    mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
-    batch = next(synthetic_batches(config, derived, mesh))
-    param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(run.state.params))
-    return run.train_step.lower(run.state, batch).compile().as_text(), param_bytes
+    return hlo.compiled_train_step(config)
 
 
 def summary(text: str, param_bytes: int) -> None:

@@ -5,13 +5,9 @@ import re
 
 os.environ.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                   XLA_FLAGS="--xla_force_host_platform_device_count=8")
-import jax  # noqa: E402
 
 from imagenet_jax.bench import hlo  # noqa: E402
-from imagenet_jax.bench.train import synthetic_batches  # noqa: E402
 from imagenet_jax.config import base_config  # noqa: E402
-from imagenet_jax.parallel import mesh_from_shape  # noqa: E402
-from imagenet_jax.train import recipe  # noqa: E402
 
 
 def compiled(batch_size, mesh_data):
@@ -19,13 +15,7 @@ def compiled(batch_size, mesh_data):
     config.update(model="resnet50", dataset="synthetic", image_size=64, dtype="float32",
                   batch_size=batch_size, eval_batch_size=batch_size)
     config.mesh.data = mesh_data
-    _, derived = recipe.plan(config)
-    mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
-    batch = next(synthetic_batches(config, derived, mesh))
-    params = jax.tree.leaves(run.state.params)
-    return (run.train_step.lower(run.state, batch).compile().as_text(),
-            sum(p.size * p.dtype.itemsize for p in params))
+    return hlo.compiled_train_step(config)
 
 
 def physical_order(shape):

@@ -10,6 +10,9 @@ import math
 import re
 from typing import NamedTuple
 
+import jax
+import ml_collections
+
 # `  %name = SHAPE opcode(operands), attributes`; a tuple SHAPE is parenthesised.
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+|\(.*?\)) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+(?:e\d+m\d+\w*)?)\[([0-9,]*)\]")  # f8e4m3fn too
@@ -69,3 +72,18 @@ def nbytes(shapes: str | list[tuple[str, tuple[int, ...]]]) -> int:
 
 def _bits(dtype: str) -> int:
     return 8 if dtype == "pred" else int(re.match(r"[a-z]+?(\d+)", dtype).group(1))
+
+
+def compiled_train_step(config: ml_collections.ConfigDict) -> tuple[str, int]:
+    """The HLO text of `config`'s compiled train step, on a synthetic batch, and the bytes
+    of its parameters: built exactly as a run builds it (`recipe.plan`, `recipe.build`)."""
+    from imagenet_jax.bench.train import synthetic_batches
+    from imagenet_jax.parallel import mesh_from_shape
+    from imagenet_jax.train import recipe
+
+    _, derived = recipe.plan(config)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = recipe.build(config, derived, mesh)
+    batch = next(synthetic_batches(config, derived, mesh))
+    param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(run.state.params))
+    return run.train_step.lower(run.state, batch).compile().as_text(), param_bytes
