@@ -36,7 +36,9 @@
 Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
 one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
 (config.on_nonfinite=stop), the last good checkpoint kept; 75 preempted (SIGTERM): a
-checkpoint was saved and the same command resumes; 4 could not join a multi-process job.
+checkpoint was saved and the same command resumes; 4 could not join a multi-process job;
+5 the workdir's checkpoints could not be read (storage unreachable, after retries): nothing
+was changed, run the same command again later.
 
 Multi-process: one process per host, joined with --coordinator_address, --num_processes
 and --process_id (launch/local.sh does this on one machine), or automatically on a
@@ -60,6 +62,7 @@ from ml_collections import config_flags
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 EXIT_BAD_CONFIG = 2
 EXIT_NO_JOB = 4  # could not join the multi-process job
+EXIT_STORAGE = 5  # checkpoints unreadable for a reason other than damage; nothing changed
 
 FLAGS = flags.FLAGS
 
@@ -161,6 +164,7 @@ def train(argv: list[str]) -> None:
     _use_compilation_cache()
 
     from imagenet_jax import models
+    from imagenet_jax.checkpoint import StorageUnavailable
     from imagenet_jax.config import ConfigError, validate
     from imagenet_jax.train import guards
 
@@ -183,6 +187,9 @@ def train(argv: list[str]) -> None:
     except guards.Preempted as e:
         print(f"imagenet-jax: {e}", file=sys.stderr)
         sys.exit(guards.EXIT_PREEMPTED)
+    except StorageUnavailable as e:
+        print(f"imagenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_STORAGE)
     if jax.process_index() == 0 and result:
         print(f"Final validation at step {result['step']}: top-1 {result['top1']:.4f}, "
               f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
@@ -279,6 +286,9 @@ class _QuietCheckpointLibrary(std_logging.Filter):
 def run() -> None:
     """Console entry point: `imagenet-jax COMMAND [flags]`, COMMAND defaulting to train."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data.
+    from imagenet_jax import storage
+
+    storage.configure()  # before any storage client is loaded
     args = sys.argv[1:]
     command = "train"
     if args and not args[0].startswith("-"):

@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 'stop' ends the run (exit code 3) and 'skip' counts it and carries on.
     c.on_nonfinite = "stop"
     c.prefetch_batches = 2           # global batches in flight to the devices
+    # A failing read of an image or a checkpoint is tried this often, waiting
+    # read_retry_delay_s, then twice that, ..., before the image counts as unreadable or
+    # the checkpoint as damaged (a few seconds of NFS or Cloud Storage trouble cost nothing).
+    c.read_attempts = 4
+    c.read_retry_delay_s = 0.5
     # Trace steps [profile_start_step, profile_start_step + profile_num_steps) with
     # jax.profiler into WORKDIR/profile (process 0; view with TensorBoard's profile plugin
     # or xprof). 0 steps = off. Start after compilation and warm-up: step 1 compiles.
@@ -180,6 +185,10 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
         check(config[name] > 0, f"{name} must be positive, got {config[name]}")
     check(config.eval_every_epochs > 0,
           f"eval_every_epochs must be positive, got {config.eval_every_epochs}")
+    check(isinstance(config.read_attempts, int) and config.read_attempts >= 1,
+          f"read_attempts must be a positive integer, got {config.read_attempts!r}")
+    check(config.read_retry_delay_s >= 0,
+          f"read_retry_delay_s must be >= 0, got {config.read_retry_delay_s}")
     check(config.profile_start_step >= 1,
           f"profile_start_step must be >= 1, got {config.profile_start_step}")
     check(config.profile_num_steps >= 0,

@@ -2,55 +2,90 @@
 
 `metrics.jsonl` holds one JSON object per logged record, e.g.
 `{"step": 400, "split": "val", "loss": 0.41, "top1": 0.93, "top5": 0.99, ...}`,
-so that any tool can read a run. Only process 0 writes files.
+so that any tool can read a run: `read_records(workdir)`. Only process 0 writes files.
+
+Object stores have no append, so the file is never appended to: process 0 keeps the
+run's records and replaces the whole file at each record, all at once (an upload, or a
+local write and rename). Whatever kills the run, the file holds whole records, and a
+resumed run first drops the records past its checkpoint, so each record appears once.
+The file stays small: 100 bytes or so a record, a few MB for a 90-epoch ImageNet run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
+
+from imagenet_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str | Path, *, resume_step: int = 0):
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
         self.is_writer = jax.process_index() == 0
+        workdir = storage.as_path(workdir)
+        events = self.is_writer and _tensorboard_can_write(workdir)
         self.writer = metric_writers.create_default_writer(
-            str(workdir), just_logging=not self.is_writer, asynchronous=True)
-        self.path = Path(workdir) / METRICS_FILE
+            os.fspath(workdir), just_logging=not events, asynchronous=True)
+        self.path = workdir / METRICS_FILE
+        self._lines: list[str] = []
         if self.is_writer:
-            truncate_after(self.path, resume_step)
+            records = read_records(workdir)
+            kept = [r for r in records if r["step"] <= resume_step]
+            self._lines = [json.dumps(r) + "\n" for r in kept]
+            if len(kept) != len(records):  # a resumed run rewrites what came after
+                self._write(final=True)
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         scalars = {k: v if isinstance(v, int) else float(np.asarray(v)) for k, v in metrics.items()}
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self.is_writer:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            self._lines.append(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            self._write(final=False)
+
+    def _write(self, final: bool) -> None:
+        """Replaces the file with every record so far. A failed write costs nothing (the
+        next one holds the same records too) unless it is the `final` one, which retries
+        and then raises."""
+        write = lambda: storage.write_atomically(self.path, "".join(self._lines))  # noqa: E731
+        if final:
+            storage.retry(write, attempts=4, delay_s=1.0, what=f"writing {self.path}")
+            return
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - any store error; the records are kept
+            logging.warning("Could not write %s (%s); the next record rewrites it.", self.path, e)
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+        if self.is_writer and self._lines:
+            self._write(final=True)
 
 
-def read_records(path: str | Path) -> list[dict]:
-    path = Path(path)
+def _tensorboard_can_write(workdir) -> bool:
+    """TensorBoard events go through TensorFlow's own GCS client, whose endpoint is
+    compiled in: it cannot reach an emulator, so there the events are left out."""
+    if storage.is_url(workdir) and storage.emulator_host():
+        logging.warning("%s is set: TensorFlow's Cloud Storage client cannot reach an emulator, "
+                        "so no TensorBoard events are written to %s (metrics.jsonl is).",
+                        storage.EMULATOR_ENV, workdir)
+        return False
+    return True
+
+
+def read_records(workdir: str | os.PathLike) -> list[dict]:
+    """The records of the run in `workdir`, oldest first; [] before the first."""
+    path = storage.as_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Drops records past `step`: a resumed run rewrites them, so each step appears once."""
-    records = read_records(path)
-    kept = [r for r in records if r["step"] <= step]
-    if len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))

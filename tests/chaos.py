@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -58,16 +57,21 @@ def run_to_end(flags: list[str], workdir: Path, env: dict, timeout: float = 900)
     return result
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+def checkpoint_steps(workdir) -> list[int]:
+    """The committed checkpoints of the run in `workdir` (a path or gs:// URL)."""
+    from imagenet_jax import storage
+
+    folder = storage.as_path(workdir) / "checkpoints"
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
-def last_logged_step(workdir: Path) -> int:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
-    return max(steps, default=0)
+def last_logged_step(workdir) -> int:
+    from imagenet_jax.metrics import read_records
+
+    return max((r["step"] for r in read_records(workdir)), default=0)
 
 
 def kill_at_random(flags: list[str], workdir: Path, env: dict, rng: random.Random,
@@ -118,13 +122,17 @@ def trees_equal(a, b) -> bool:
         for x, y in zip(leaves_a, leaves_b, strict=True))
 
 
-def chaos(flags: list[str], root: Path, *, kills: int, seed: int, max_delay: float,
+def chaos(flags: list[str], root, *, kills: int, seed: int, max_delay: float,
           env: dict | None = None, uninterrupted: Path | None = None) -> ChaosReport:
-    """Kills and restarts a run of `flags` in root/killed; compares with `uninterrupted`
-    (a finished run of the same flags), which it first makes in root/ if not given."""
+    """Kills and restarts a run of `flags` in root/killed (`root` a path or gs:// URL);
+    compares with `uninterrupted` (a finished run of the same flags), which it first
+    makes in root/ if not given."""
+    from imagenet_jax import storage
+
     env = dict(os.environ if env is None else env)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rng = random.Random(seed)
+    root = storage.as_path(root)
     straight, chaotic = uninterrupted or root / "uninterrupted", root / "killed"
     if uninterrupted is None:
         run_to_end(flags, straight, env)

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import shutil
@@ -272,3 +273,52 @@ def test_a_batch_of_nothing_but_pngs_named_jpeg_trains(tmp_path):
     batch = next(batches)
     assert batch["mask"].all() and len(batches.repairs.converted) == 8
     assert batches.take_report() == {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlakySource(sources.FolderSource):
+    """A folder whose file `flaky` fails to read its first `failures` times, as a file on
+    a faltering network store does; reads of the others never fail."""
+
+    flaky: str = ""
+    failures: int = 0
+    attempts: list = dataclasses.field(default_factory=list)
+
+    def read(self, split):
+        read = super().read(split)
+        files = self.files[split]
+
+        def check(index):
+            if files[int(index)] == self.flaky:
+                self.attempts.append(index)
+                if len(self.attempts) <= self.failures:
+                    raise OSError(f"transient: {self.flaky}")
+            return np.bool_(True)
+
+        def flaky_read(index):
+            ok = tf.numpy_function(check, [index], tf.bool, stateful=True)
+            with tf.control_dependencies([ok]):
+                image, label = read(index)
+                return tf.identity(image), label
+
+        return flaky_read
+
+
+@pytest.mark.parametrize("attempts, skipped", [(4, 0), (1, 1)])
+def test_a_read_that_fails_for_a_while_is_retried_before_the_image_is_skipped(
+        tiny_dataset, attempts, skipped):
+    """The file fails its first 3 reads (the pipeline's, the one-by-one check's, the first
+    raw read's): with 4 attempts a retry reads it and nothing is skipped; with 1 it
+    counts as unreadable."""
+    folder = sources.open_folder(tiny_dataset)
+    eval_files = list(folder.files["val"])
+    source = _FlakySource(**{f.name: getattr(folder, f.name)
+                             for f in dataclasses.fields(sources.FolderSource)},
+                          flaky=eval_files[5], failures=3)
+    batches = pipeline.skipping_eval_batches(
+        source, pipeline.Sharding(16), image_size=16,
+        retry=pipeline.ReadRetry(attempts=attempts, delay_s=0.01))
+    masks = np.concatenate([batch["mask"] for batch in batches])
+    assert masks.sum() == 70 - skipped, (len(source.attempts), batches.take_report())
+    assert len(batches.take_report()) == skipped
+    assert len(source.attempts) >= 4 - skipped

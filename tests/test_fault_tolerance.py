@@ -89,7 +89,7 @@ def test_skip_mode_counts_and_survives_non_finite_steps(tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, learning_rate=1e9, on_nonfinite="skip", num_epochs=0.5,
                          eval_batch_size=80)
     result = loop.train_and_evaluate(config, tmp_path / "run")
-    records = [r for r in read_records(tmp_path / "run" / "metrics.jsonl")
+    records = [r for r in read_records(tmp_path / "run")
                if r["split"] == "train"]
     assert records[-1]["skipped_steps_total"] > 0
     assert result["num_examples"] == 70
@@ -137,7 +137,7 @@ def test_checkpoint_from_4_devices_restores_on_8_2_and_1_and_into_fsdp_with_the_
         assert any("fsdp" in spec for spec in specs) == (fsdp > 1)
         results.append(loop.run_eval(run.eval_step, state, source=source, config=config,
                                      mesh=mesh))
-    logged = [r for r in read_records(uninterrupted / "metrics.jsonl") if r["split"] == "val"]
+    logged = [r for r in read_records(uninterrupted) if r["split"] == "val"]
     assert all(r["num_examples"] == 70 for r in results)
     assert {r["top1"] for r in results} == {logged[-1]["top1"]}
     np.testing.assert_allclose([r["loss"] for r in results], logged[-1]["loss"], rtol=1e-5)

@@ -146,3 +146,27 @@ def test_loss_scale_grows_after_a_period_of_finite_steps():
     assert bool(scale.is_overflow(jnp.bool_(True), jnp.bool_(False)))
     assert not bool(scale.is_overflow(jnp.bool_(False), jnp.bool_(False)))  # a NaN loss
     assert float(floor.adjust(jnp.bool_(False)).scale) == 1.0
+
+
+def test_the_rate_applied_after_a_skipped_step_is_the_schedules_at_that_step(tiny_dataset):
+    """A skipped step rolls the optimizer state back while the step advances: the update
+    that follows must still apply learning_rate_fn(step), not the rate of a count that
+    lags behind (the warmup changes the rate at every step here)."""
+    config = _config(tiny_dataset, "float16")
+    batches = _first_batches(config, 3)
+    _, derived = recipe.plan(config)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = recipe.build(config, derived, mesh)
+    batches = [make_global_batch(batch, mesh) for batch in batches]
+    state = run.state.replace(loss_scale=run.state.loss_scale.replace(
+        scale=jnp.asarray(2.0**60, jnp.float32)))
+    state, metrics = run.train_step(state, batches[0])  # overflows: skipped
+    assert int(metrics.loss_scale_overflows.total) == 1 and int(state.step) == 1
+    state = state.replace(loss_scale=state.loss_scale.replace(
+        scale=jnp.asarray(INITIAL_SCALE, jnp.float32)))
+    for step, batch in ((1, batches[1]), (2, batches[2])):
+        state, metrics = run.train_step(state, batch)
+        assert int(metrics.loss_scale_overflows.total) == 0
+        applied = float(state.opt_state.hyperparams["learning_rate"])
+        assert applied == float(run.learning_rate_fn(step)) != float(run.learning_rate_fn(step - 1))
+        assert float(metrics.learning_rate.value) == applied  # what is logged is what applied

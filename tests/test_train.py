@@ -115,3 +115,18 @@ def test_topk_correct_is_top_k_membership_ties_included(num_classes):
     logits[0, labels[0]] = np.nan
     logits[1, (labels[1] + 1) % num_classes] = np.nan
     assert list(steps.topk_correct(logits, labels, 5)[:2]) == [0.0, 0.0]
+
+
+def test_images_per_sec_leaves_the_evaluation_out():
+    """10 steps of 1 s with a 100 s evaluation between steps 5 and 6: 10 steps' images
+    over 10 s, not over the 110 s of the window (nor over the 5 s after the eval)."""
+    now = [0.0]
+    throughput = loop.Throughput(global_batch_size=32, start_step=0, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] += 1.0
+        if step == 5:
+            with throughput.paused():
+                now[0] += 100.0
+    assert throughput.images_per_sec(10) == 32 * 10 / 10.0
+    now[0] += 2.0  # the next window starts where this one ended
+    assert throughput.images_per_sec(12) == 32 * 2 / 2.0

@@ -40,6 +40,10 @@ def process_sharding(global_batch_size: int) -> pipeline.Sharding:
     return pipeline.Sharding(global_batch_size, jax.process_index(), jax.process_count())
 
 
+def read_retry(config: ml_collections.ConfigDict) -> pipeline.ReadRetry:
+    return pipeline.ReadRetry(config.read_attempts, config.read_retry_delay_s)
+
+
 def _to_devices(batches: Iterator[dict], mesh: Mesh, prefetch: int) -> Iterator[dict]:
     return prefetch_to_device(batches, prefetch, functools.partial(make_global_batch, mesh=mesh))
 
@@ -53,7 +57,7 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
     spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
                               tuple(config.crop_aspect_ratio))
     host = pipeline.skipping_train_batches(source, process_sharding(config.batch_size), spec,
-                                           start_step)
+                                           start_step, read_retry(config))
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
 
 
@@ -65,5 +69,6 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
             source, mesh, config.eval_batch_size, config.image_size, config.seed), None)
     host = pipeline.skipping_eval_batches(
         source, process_sharding(config.eval_batch_size), split=split,
-        image_size=config.image_size, crop_ratio=config.eval_crop_ratio)
+        image_size=config.image_size, crop_ratio=config.eval_crop_ratio,
+        retry=read_retry(config))
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)

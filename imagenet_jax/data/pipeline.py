@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from imagenet_jax import storage
 from imagenet_jax.data import preprocess
 from imagenet_jax.data.sources import Source
 
@@ -293,6 +294,18 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadRetry:
+    """How often a failing file read is tried before its image counts as unreadable:
+    `attempts` tries, waiting `delay_s`, then twice that, and so on, in between."""
+
+    attempts: int = 1
+    delay_s: float = 0.0
+
+    def __call__(self, read: Callable, what: str):
+        return storage.retry(read, attempts=self.attempts, delay_s=self.delay_s, what=what)
+
+
 class SkippingBatches(Iterator[dict]):
     """Numpy batches of a pipeline, carried past the files its JPEG path cannot read.
 
@@ -309,9 +322,10 @@ class SkippingBatches(Iterator[dict]):
                  examples_at: Callable[[int], list[tuple[int, tuple]]], load: Callable[..., dict],
                  read: Callable[[int], tuple[tf.Tensor, tf.Tensor]],
                  describe: Callable[[int], str],
-                 start: int = 0):
+                 start: int = 0, retry: ReadRetry = ReadRetry()):
         self._build, self._examples_at, self._load = build, examples_at, load
         self._read, self._describe = read, describe
+        self._retry = retry
         self._position = start
         self.repairs = Repairs()
         self._unreported: dict[int, str] = {}
@@ -336,22 +350,28 @@ class SkippingBatches(Iterator[dict]):
         for index, args in self._examples_at(self._position):
             if index in repairs:
                 continue
-            try:
-                self._load(*args)
+            if self._loads(args):
                 readable = index if readable is None else readable
                 continue
-            except tf.errors.OpError as e:
-                failure = type(e).__name__
-            try:
-                image_bytes, label = self._read(index)
-                readable = index if readable is None else readable  # its raw read works
+            try:  # Is it the file that cannot be read (retried: storage can falter) ...
+                image_bytes, label = self._retry(lambda i=index: self._read(i),
+                                                 f"reading {self._describe(index)}")
+            except Exception as e:  # noqa: BLE001 - eager reads raise the store's own errors too
+                skipped.add(index)
+                self._unreported[index] = f"{self._describe(index)} ({type(e).__name__})"
+                logging.info("Skipping unreadable image %s", self._unreported[index])
+                continue
+            readable = index if readable is None else readable  # its raw read works
+            if self._loads(args):  # ... for a while only: nothing to repair.
+                continue
+            try:  # ... or its format: another one, converted to JPEG once, or none.
                 converted[index] = preprocess.to_jpeg(image_bytes).numpy()
                 labels[index] = int(label)
                 logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
                              self._describe(index))
-            except tf.errors.OpError:
+            except tf.errors.OpError as e:
                 skipped.add(index)
-                self._unreported[index] = f"{self._describe(index)} ({failure})"
+                self._unreported[index] = f"{self._describe(index)} ({type(e).__name__})"
                 logging.info("Skipping unreadable image %s", self._unreported[index])
         if converted.keys() == repairs.converted.keys() and skipped == repairs.skipped:
             self._retries += 1
@@ -364,6 +384,13 @@ class SkippingBatches(Iterator[dict]):
         self.repairs = Repairs(converted, frozenset(skipped), labels,
                                repairs.readable if repairs else readable)
         self._iterator = iter(self._build(self._position, self.repairs).as_numpy_iterator())
+
+    def _loads(self, args: tuple) -> bool:
+        try:
+            self._load(*args)
+            return True
+        except Exception:  # noqa: BLE001 - an OpError, or a store's error from an eager read
+            return False
 
     @property
     def num_skipped(self) -> int:
@@ -381,7 +408,8 @@ def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor
 
 
 def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
-                           start_step: int = 0) -> SkippingBatches:
+                           start_step: int = 0, retry: ReadRetry = ReadRetry()
+                           ) -> SkippingBatches:
     """`train_dataset` from `start_step`, carried past unreadable images."""
     def build(step, repairs):
         return train_dataset(source, sharding, image_size=spec.image_size, seed=spec.seed,
@@ -395,11 +423,12 @@ def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
 
     return SkippingBatches(build, examples_at, train_loader(source, spec),
                            _eager_reader(source, "train"),
-                           lambda index: source.describe("train", index), start_step)
+                           lambda index: source.describe("train", index), start_step, retry)
 
 
 def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "val",
-                          image_size: int, crop_ratio: float = 0.875) -> SkippingBatches:
+                          image_size: int, crop_ratio: float = 0.875,
+                          retry: ReadRetry = ReadRetry()) -> SkippingBatches:
     """`eval_dataset`, carried past unreadable images (they count as not evaluated)."""
     indices, valid = eval_examples(source, sharding, split)
     size = sharding.local_batch_size
@@ -416,4 +445,4 @@ def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "v
     return SkippingBatches(build, examples_at,
                            eval_loader(source, split, image_size, crop_ratio),
                            _eager_reader(source, split),
-                           lambda index: source.describe(split, index))
+                           lambda index: source.describe(split, index), retry=retry)

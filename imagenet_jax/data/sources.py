@@ -3,7 +3,8 @@
 `config.dataset` picks one:
   demo               the generated demo dataset (a folder in ImageNet's layout)
   folder:/path/root  any folder laid out as `root/<split>/<class>/<image>`, read
-                     straight from the files (no preparation step)
+                     straight from the files (no preparation step); a gs://BUCKET/PATH
+                     root is listed once and read through gcsfs, many objects a call
   tfds:NAME          a prepared TensorFlow Datasets image-classification dataset in
                      `config.data_dir` (imagenet2012: `imagenet-jax prepare`)
   synthetic          random images made on the devices (data/synthetic.py)
@@ -13,6 +14,7 @@ The number of classes, their names and the split sizes always come from the sour
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tensorflow as tf
 
+from imagenet_jax import storage
 from imagenet_jax.data import demo, synthetic
 from imagenet_jax.data.spec import parse_dataset
 
@@ -54,12 +57,23 @@ class Source(Protocol):
         """Where example `index` lives, for reports of unreadable images (a path when known)."""
         ...
 
+    def fingerprint(self) -> str:
+        """A hash of what the source lists (examples, labels, classes): processes that
+        read the same dataset have the same one, wherever it is mounted."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class FolderSource:
-    """Image files in `root/<split>/<class>/<file>`; labels index the sorted class folders."""
+    """Image files in `root/<split>/<class>/<file>`; labels index the sorted class folders.
 
-    root: Path
+    A local folder is read in the graph (`tf.io.read_file`). A gs:// folder is read
+    through gcsfs, `read_batch` fetching a chunk of objects concurrently in one call:
+    TensorFlow's own GCS client cannot be pointed at an emulator, and an object store
+    answers many requests at once far better than one after another.
+    """
+
+    root: str | Path
     class_names: tuple[str, ...]
     files: dict[str, np.ndarray]   # split -> file paths (str), sorted
     labels: dict[str, np.ndarray]  # split -> int32 labels, aligned with `files`
@@ -74,12 +88,44 @@ class FolderSource:
     def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
         import tensorflow as tf  # with the first pipeline: listing files needs no TensorFlow
 
+        if storage.is_url(self.root):
+            read_batch = self.read_batch(split)
+            return lambda index: tuple(x[0] for x in read_batch(tf.reshape(index, [1])))
         paths = tf.constant(self.files[split])
         labels = tf.constant(self.labels[split])
         return lambda index: (tf.io.read_file(paths[index]), labels[index])
 
+    def read_batch(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None:
+        """For a gs:// root, in-graph indices [n] -> (file bytes [n], labels [n]), the n
+        objects fetched concurrently; None for a local folder (read one by one in-graph)."""
+        if not storage.is_url(self.root):
+            return None
+        import tensorflow as tf
+
+        files, labels = self.files[split], tf.constant(self.labels[split])
+
+        def fetch(indices: np.ndarray) -> np.ndarray:
+            return np.asarray(storage.read_many([str(files[i]) for i in indices]), dtype=object)
+
+        def read_many(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            # The same object always has the same bytes: not stateful, so tf.data may
+            # reorder and parallelise the calls.
+            contents = tf.numpy_function(fetch, [indices], tf.string, stateful=False)
+            contents.set_shape([None])
+            return contents, tf.gather(labels, indices)
+
+        return read_many
+
     def describe(self, split: str, index: int) -> str:
         return str(self.files[split][index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        prefix = len(os.fspath(self.root).rstrip("/")) + 1
+        for split in SPLITS:
+            for path, label in zip(self.files[split], self.labels[split], strict=True):
+                digest.update(f"{split}\t{label}\t{path[prefix:]}\n".encode())
+        return digest.hexdigest()
 
 
 def get_source(spec: str, data_dir: str | None = None) -> Source:
@@ -93,12 +139,15 @@ def get_source(spec: str, data_dir: str | None = None) -> Source:
     if kind == "tfds":
         from imagenet_jax.data import tfds_source  # TFDS is slow to import: only when used
         return tfds_source.open_tfds(arg, data_dir)
-    root = demo.ensure_demo_dataset() if kind == "demo" else Path(arg).expanduser()
-    return open_folder(root)
+    if kind == "demo":
+        return open_folder(demo.ensure_demo_dataset())
+    return open_folder(arg if storage.is_url(arg) else Path(arg).expanduser())
 
 
-def open_folder(root: Path) -> FolderSource:
+def open_folder(root: str | Path) -> FolderSource:
     """Lists every split of a folder dataset; class names come from the train split."""
+    if storage.is_url(root):
+        return _open_bucket_folder(str(root).rstrip("/"))
     root = Path(root)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -130,3 +179,30 @@ def _list_split(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarr
     if not paths:
         raise FileNotFoundError(f"dataset split folder {split_dir} holds no images")
     return np.asarray(paths), np.asarray(labels, np.int32)
+
+
+def _open_bucket_folder(root: str) -> FolderSource:
+    """`open_folder` for gs://: one listing of all objects below `root`. A bucket has no
+    empty folders, so the classes are the folders of train/ that hold an object."""
+    by_split: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
+    for relative in storage.find_files(root):
+        split, _, rest = relative.partition("/")
+        class_name, _, name = rest.partition("/")
+        if split in by_split and name and "/" not in name:
+            by_split[split].append((class_name, name))
+    class_names = tuple(sorted({c for c, _ in by_split["train"]}))
+    if not class_names:
+        raise FileNotFoundError(f"dataset folder {root} has no objects under train/<class>/; "
+                                "expected root/train/<class>/<image> and root/val/<class>/<image>")
+    index = {name: label for label, name in enumerate(class_names)}
+    files, labels = {}, {}
+    for split, entries in by_split.items():
+        extra = sorted({c for c, _ in entries} - index.keys())
+        if extra:
+            raise ValueError(f"{root}/{split} has class folders missing from train/: {extra[:5]}")
+        if not entries:
+            raise FileNotFoundError(f"dataset split folder {root}/{split} holds no images")
+        entries.sort(key=lambda e: (index[e[0]], e[1]))
+        files[split] = np.asarray([f"{root}/{split}/{c}/{n}" for c, n in entries])
+        labels[split] = np.asarray([index[c] for c, _ in entries], np.int32)
+    return FolderSource(root, class_names, files, labels)

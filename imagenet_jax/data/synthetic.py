@@ -44,6 +44,9 @@ class SyntheticSource:
     def describe(self, split: str, index: int) -> str:
         return f"synthetic {split}[{index}]"
 
+    def fingerprint(self) -> str:
+        return f"synthetic:{self.num_classes},{self.num_train},{self.num_val}"
+
 
 def parse_synthetic(arg: str) -> SyntheticSource:
     """'' or 'classes=10,train=5000,val=500' (any subset) -> a SyntheticSource."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ class TfdsSource:
     label_key: str
     features: Any                 # tfds.features.FeaturesDict: parses a record in-graph
     records: dict[str, Any]       # "train"/"val" -> random-access serialized records
+    shards: tuple[str, ...] = ()  # "split file records" per shard file: what is read
 
     @property
     def num_classes(self) -> int:
@@ -90,6 +92,10 @@ class TfdsSource:
 
         return read_examples
 
+    def fingerprint(self) -> str:
+        lines = [self.name, *self.class_names, *self.shards]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
     def describe(self, split: str, index: int) -> str:
         """E.g. 'imagenet2012 train[123] n01440764_10026.JPEG': the TFDS slice syntax,
         then the file name when the dataset records one."""
@@ -125,7 +131,11 @@ def open_tfds(name: str, data_dir: str | None = None) -> TfdsSource:
     return TfdsSource(
         name=name, class_names=tuple(info.features[label_key].names), split_names=split_names,
         sizes={split: info.splits[split_names[split]].num_examples for split in SPLITS},
-        image_key=image_key, label_key=label_key, features=info.features, records=records)
+        image_key=image_key, label_key=label_key, features=info.features, records=records,
+        shards=tuple(f"{split} {filename} {length}" for split in SPLITS
+                     for filename, length in zip(info.splits[split_names[split]].filenames,
+                                                 info.splits[split_names[split]].shard_lengths,
+                                                 strict=True)))
 
 
 def _builder(name: str, data_dir: str | None):

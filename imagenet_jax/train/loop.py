@@ -6,56 +6,70 @@ and calls it. Re-running on the same workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import os
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
 from absl import logging
 from clu import parameter_overview, periodic_actions
+from etils import epath
 
+from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import input as data_input
-from imagenet_jax.metrics import METRICS_FILE, MetricsLogger, read_records
+from imagenet_jax.metrics import MetricsLogger, read_records
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
 from imagenet_jax.train.state import TrainState
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains `config` in `workdir` to the end and returns the final validation metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains `config` in `workdir` (a path or gs:// URL) to the end and returns the final
+    validation metrics.
+
+    Nothing in the workdir is written before its checkpoint is known to fit `config`: a
+    mistaken config on a workdir stops with CheckpointMismatch and leaves it as it was.
+    """
+    storage.configure()
+    workdir = storage.as_path(workdir)
     check_writable(workdir)
-    workdir = Path(workdir)
     source, derived = recipe.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
                  derived.num_processes, derived)
-    if jax.process_index() == 0:
-        save_config(workdir, config, derived)
 
     run = recipe.build(config, derived, mesh)
-    state = run.state
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                                keep=config.keep_checkpoints)
-    state = checkpointer.restore_latest(state)
+                                keep=config.keep_checkpoints, read_attempts=config.read_attempts,
+                                retry_delay_s=config.read_retry_delay_s)
+    try:
+        state = checkpointer.restore_latest(run.state)
+    except BaseException:
+        checkpointer.close()
+        raise
     start_step = int(state.step)
     if start_step >= derived.num_train_steps:
         logging.info("The run in %s already finished (step %d).", workdir, start_step)
         checkpointer.close()
         return last_record(workdir, "val")
-    if start_step == 0 and jax.process_index() == 0:
-        parameter_overview.log_parameter_overview(state.params)
+    if jax.process_index() == 0:
+        save_config(workdir, config, derived)
+        if start_step == 0:
+            parameter_overview.log_parameter_overview(state.params)
 
     logger = MetricsLogger(workdir, resume_step=start_step)
     evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
 
     train_batches = data_input.train_batches(source, config, mesh, start_step)
-    profiler = StepProfiler(workdir / "profile", config.profile_start_step,
+    profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
     try:
         val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
@@ -79,7 +93,7 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     buffer = TrainMetricsBuffer(config.on_nonfinite, checkpointer.latest_step)
     preemption = PreemptionWatcher()
     val_metrics: dict = {}
-    last_log_time, last_log_step = time.perf_counter(), start_step
+    throughput = Throughput(config.batch_size, start_step)
     try:
         for step in range(start_step + 1, derived.num_train_steps + 1):
             profiler.before(step)
@@ -94,18 +108,15 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             # equal to rounding, before differences in the gradient sums compound.
             if step % config.log_every_steps == 0 or is_last or step == 1:
                 train_metrics = buffer.drain()
-                now = time.perf_counter()
-                images = (step - last_log_step) * config.batch_size
-                train_metrics["images_per_sec"] = images / (now - last_log_time)
-                last_log_time, last_log_step = now, step
+                train_metrics["images_per_sec"] = throughput.images_per_sec(step)
                 logger.log(step, "train", train_metrics)
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
             if step % derived.eval_every_steps == 0 or is_last:
-                val_metrics = evaluate(state)
-                logger.log(step, "val", val_metrics)
-                last_log_time = time.perf_counter()  # keep eval time out of images/s
+                with throughput.paused():
+                    val_metrics = evaluate(state)
+                    logger.log(step, "val", val_metrics)
             preempted = preemption.reached(step)
             if is_last or preempted or checkpointer.should_save(step):
                 buffer.check()
@@ -122,6 +133,32 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     return val_metrics
 
 
+class Throughput:
+    """Training images per second between two logs: the time spent evaluating is left
+    out of the window, and so are the images of no step (the clock is injectable)."""
+
+    def __init__(self, global_batch_size: int, start_step: int,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.global_batch_size, self._clock = global_batch_size, clock
+        self._step, self._start, self._paused = start_step, clock(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        began = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - began
+
+    def images_per_sec(self, step: int) -> float:
+        """Over the steps since the last call; starts the next window."""
+        now = self._clock()
+        seconds = now - self._start - self._paused
+        images = (step - self._step) * self.global_batch_size
+        self._step, self._start, self._paused = step, now, 0.0
+        return images / seconds if seconds > 0 else float("nan")
+
+
 class StepProfiler:
     """Traces steps [first, first + count) with jax.profiler into `log_dir`, on process 0.
 
@@ -131,7 +168,7 @@ class StepProfiler:
     its dispatch: one sync point, only when profiling.
     """
 
-    def __init__(self, log_dir: Path, first: int, count: int, start_step: int,
+    def __init__(self, log_dir: str, first: int, count: int, start_step: int,
                  num_train_steps: int):
         self.log_dir = log_dir
         self.steps = range(max(first, start_step + 1), min(first + count, num_train_steps + 1))
@@ -144,7 +181,7 @@ class StepProfiler:
 
     def before(self, step: int) -> None:
         if self.enabled and step == self.steps.start:
-            jax.profiler.start_trace(str(self.log_dir))
+            jax.profiler.start_trace(self.log_dir)
             self.tracing = True
 
     def after(self, step: int, state) -> None:
@@ -189,30 +226,28 @@ def report_skipped(skipped: dict[int, str], when: str) -> None:
                         len(skipped), jax.process_index(), "\n  ".join(skipped.values()))
 
 
-def check_writable(workdir: str | Path) -> None:
-    """Fails at start, not at the first save, when the workdir cannot be written."""
-    if "://" in str(workdir):
-        # pathlib would quietly make a local folder 'gs:/bucket/...' and lose the run with
-        # the machine.
-        raise ConfigError(f"workdir {workdir}: URLs are not supported, the run writes "
-                          "through the file system; mount the bucket (Cloud Storage FUSE, "
-                          "NFS) and give its path")
-    workdir = Path(workdir)
+def check_writable(workdir: epath.Path) -> None:
+    """Fails at start, not at the first save, when the workdir cannot be written: a local
+    folder, or a gs:// URL (a missing bucket, no credentials, no permission)."""
+    if storage.is_url(workdir) and not str(workdir).startswith("gs://"):
+        raise ConfigError(f"workdir {workdir}: the URLs supported are gs://BUCKET/PATH "
+                          "(Cloud Storage) and local paths")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError locally; any client error for gs://
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e)[:200]}"
+        raise ConfigError(f"workdir {workdir} is not writable: {reason}") from None
 
 
-def save_config(workdir: Path, config: ml_collections.ConfigDict, derived: Derived) -> None:
+def save_config(workdir: epath.Path, config: ml_collections.ConfigDict, derived: Derived) -> None:
     resolved = {"config": json.loads(config.to_json_best_effort()),
                 "derived": dataclasses.asdict(derived)}
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    storage.write_atomically(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
 
-def last_record(workdir: Path, split: str) -> dict:
-    records = [r for r in read_records(workdir / METRICS_FILE) if r["split"] == split]
+def last_record(workdir: epath.Path, split: str) -> dict:
+    records = [r for r in read_records(workdir) if r["split"] == split]
     return records[-1] if records else {}

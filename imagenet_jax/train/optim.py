@@ -43,22 +43,36 @@ def kernel_mask(params) -> object:
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """SGD with (Nesterov) momentum or RMSProp, after optional global-norm clipping.
 
     L2 decay of the kernels is added to the gradient before the optimizer's own
     statistics, as PyTorch's optimizers and the reference recipes do.
+
+    The learning rate is a hyperparameter held in the optimizer state, which the train
+    step sets to `learning_rate_fn(state.step)` before each update (`with_learning_rate`).
+    A schedule counted inside the optimizer would drift from the step: a skipped step
+    (non-finite, or a float16 overflow) rolls the optimizer state back, its count too,
+    while the step advances; so the rate applied at step s is the schedule's at s.
     """
-    if config.optimizer == "sgd":
-        update = optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
-    else:  # TensorFlow's RMSProp (squares start at 1, epsilon inside the root), as Inception-v3.
-        update = optax.rmsprop(learning_rate_fn, decay=config.rmsprop_decay,
-                               eps=config.rmsprop_epsilon, initial_scale=1.0,
-                               momentum=config.momentum)
-    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
-    return optax.chain(
-        *clip,
-        optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-        update,
-    )
+    def chain(learning_rate):
+        if config.optimizer == "sgd":
+            update = optax.sgd(learning_rate, momentum=config.momentum,
+                               nesterov=config.nesterov)
+        else:  # TensorFlow's RMSProp (squares start at 1, epsilon inside the root): Inception-v3
+            update = optax.rmsprop(learning_rate, decay=config.rmsprop_decay,
+                                   eps=config.rmsprop_epsilon, initial_scale=1.0,
+                                   momentum=config.momentum)
+        clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+        return optax.chain(
+            *clip,
+            optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+            update,
+        )
+
+    return optax.inject_hyperparams(chain)(learning_rate=0.0)
+
+
+def with_learning_rate(opt_state: optax.OptState, learning_rate: jax.Array) -> optax.OptState:
+    """`opt_state` of `create_optimizer` with the rate its next update applies."""
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})

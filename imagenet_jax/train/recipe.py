@@ -9,12 +9,15 @@ dataset, `bench train` runs where only JAX and its libraries are installed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagenet_jax import models
@@ -38,12 +41,39 @@ def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
         source = sources.get_source(config.dataset, config.data_dir or None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
+    check_processes_see_the_same(source, config.dataset)
     derived = derive(config, num_classes=source.num_classes,
                      num_train_examples=source.num_examples("train"),
                      num_eval_examples=source.num_examples("val"),
                      num_devices=jax.device_count(), num_processes=jax.process_count(),
                      platform=jax.devices()[0].platform)
     return source, derived
+
+
+def check_processes_see_the_same(source: sources.Source, spec: str) -> None:
+    """Raises ConfigError on every process unless all of them list the same examples:
+    a host whose mount shows one more file would shift every index and label after it
+    and train on other data, silently."""
+    if jax.process_count() == 1:
+        return
+    digest = bytes.fromhex(hashlib.sha256(source.fingerprint().encode()).hexdigest())
+    local = np.concatenate([
+        np.asarray([source.num_examples("train"), source.num_examples("val")], np.uint32),
+        np.frombuffer(digest, np.uint32)])
+    rows = np.asarray(multihost_utils.process_allgather(local))
+    differ = [p for p in range(len(rows)) if not np.array_equal(rows[p], rows[0])]
+    if differ:
+        p = differ[0]
+        if (rows[p][:2] == rows[0][:2]).all():
+            what = (f"the same counts ({rows[0][0]} train / {rows[0][1]} val) but other files "
+                    "or labels")
+        else:
+            what = (f"{rows[p][0]} train / {rows[p][1]} val examples against process 0's "
+                    f"{rows[0][0]} / {rows[0][1]}")
+        raise ConfigError(
+            f"dataset {spec!r}: the processes do not list the same files: process {p} has "
+            f"{what} ({len(differ)} of {len(rows)} processes differ from process 0); every "
+            "host must read the same dataset: look for a stale mount or a partial copy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +90,7 @@ class Run:
 def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
     """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
     learning_rate_fn = create_learning_rate_fn(config, derived)
-    tx = create_optimizer(config, learning_rate_fn)
+    tx = create_optimizer(config)
     dtype = jnp.dtype(derived.compute_dtype)
 
     # Every mesh axis splits the batch, so the batch is cut over all the mesh's devices.

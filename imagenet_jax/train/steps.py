@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from imagenet_jax.parallel import batch_sharding, replicated
 from imagenet_jax.parallel.sharding import gather_params_first, is_sharded
+from imagenet_jax.train.optim import with_learning_rate
 from imagenet_jax.train.state import TrainState, shardings_of
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -145,7 +146,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     if scaling:
         grads = jax.tree.map(lambda g: g / scale, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    learning_rate = learning_rate_fn(state.step)
+    updates, opt_state = tx.update(grads, with_learning_rate(state.opt_state, learning_rate),
+                                   state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step leaves the state as it was: NaNs never reach a checkpoint. The
     # loop then stops the run or counts the skip (config.on_nonfinite).
@@ -163,7 +166,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         top5=average(topk_correct(logits, labels, 5)),
         grad_norm=clu_metrics.Average.from_model_output(
             jnp.broadcast_to(grad_norm, labels.shape), mask=jnp.broadcast_to(finite, labels.shape)),
-        learning_rate=clu_metrics.LastValue.from_model_output(learning_rate_fn(state.step)),
+        learning_rate=clu_metrics.LastValue.from_model_output(learning_rate),
         nonfinite_steps=Sum.from_model_output((~finite & ~overflow).astype(jnp.int32)),
         skipped_examples=Sum.from_model_output((~mask).astype(jnp.int32)),
         loss_scale_overflows=Sum.from_model_output(overflow.astype(jnp.int32)),
