@@ -54,3 +54,19 @@ def tiny_config(dataset_root: Path, **overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def resumable_flags(dataset_root: Path, *extra: str) -> list[str]:
+    """CLI flags of the tiny recipe for 8 epochs (96 steps), a checkpoint every 4 steps."""
+    return ["--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset_root}",
+            "--config.num_epochs=8", "--config.checkpoint_every_steps=4", *extra]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dataset, tmp_path_factory) -> Path:
+    """A finished run of `resumable_flags` on 4 devices: what resumed runs must equal."""
+    from chaos import run_to_end
+
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_to_end(resumable_flags(tiny_dataset), workdir, subprocess_env(4))
+    return workdir

@@ -5,14 +5,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from chaos import REPO, chaos, checkpoint_steps, command, final_params, run_to_end
-from conftest import subprocess_env, tiny_config
+from conftest import resumable_flags, subprocess_env, tiny_config
 
+from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError
 from imagenet_jax.metrics import read_records
@@ -23,19 +23,11 @@ TOTAL_STEPS = 8 * (400 // 32)  # num_epochs=8 over the tiny dataset's 400 images
 
 
 def _flags(dataset, *extra):
-    return ["--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset}",
-            "--config.num_epochs=8", "--config.checkpoint_every_steps=4", *extra]
+    return resumable_flags(dataset, *extra)
 
 
 def _env():
     return subprocess_env(4)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_dataset, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run_to_end(_flags(tiny_dataset), workdir, _env())
-    return workdir
 
 
 def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, uninterrupted,
@@ -153,6 +145,6 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
     assert "is not writable" in result.stderr
 
 
-def test_a_url_workdir_fails_at_start_instead_of_writing_locally(tmp_path):
-    with pytest.raises(ConfigError, match="URLs are not supported"):
-        loop.check_writable("gs://bucket/run")
+def test_a_workdir_url_other_than_gs_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="gs://BUCKET/PATH"):
+        loop.check_writable(storage.as_path("s3://bucket/run"))

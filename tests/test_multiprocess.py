@@ -1,5 +1,6 @@
 """Several processes on 127.0.0.1: the same training as one process, and no hang on a dead peer."""
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,3 +74,36 @@ def test_a_dead_peer_ends_the_others_within_the_heartbeat(tiny_dataset, tmp_path
         for process in processes:
             if process.poll() is None:
                 process.kill()
+
+
+def test_processes_that_list_different_files_stop_with_one_line(tiny_dataset, tmp_path):
+    """Process 1 sees one more training image than process 0 (a stale mount, a partial
+    copy): every index and label after it would shift, so both stop before training."""
+    other = tmp_path / "other_view"
+    shutil.copytree(tiny_dataset, other)
+    first_class = sorted((other / "train").iterdir())[0]
+    shutil.copy(next(first_class.iterdir()), first_class / "zz_extra.JPEG")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "imagenet_jax",
+                          *_flags(dataset, tmp_path / "run"),
+                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={i}", "--heartbeat_timeout_s=5"],
+                         cwd=REPO, env=subprocess_env(2), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+        for i, dataset in enumerate((tiny_dataset, other))]
+    try:
+        results = [(p.wait(timeout=240), p.stderr.read()) for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for code, stderr in results:
+        assert code == 2, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("imagenet-jax:")]
+        assert len(errors) == 1 and "do not list the same files" in errors[0], errors
+        assert "process 1 has 401 train / 70 val examples against process 0's 400 / 70" \
+            in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -168,5 +168,7 @@ def test_the_rate_applied_after_a_skipped_step_is_the_schedules_at_that_step(tin
         state, metrics = run.train_step(state, batch)
         assert int(metrics.loss_scale_overflows.total) == 0
         applied = float(state.opt_state.hyperparams["learning_rate"])
-        assert applied == float(run.learning_rate_fn(step)) != float(run.learning_rate_fn(step - 1))
+        # (Computed inside the jitted step: equal to the eager schedule to float32 rounding.)
+        assert applied == pytest.approx(float(run.learning_rate_fn(step)), rel=1e-6)
+        assert applied != pytest.approx(float(run.learning_rate_fn(step - 1)), rel=1e-3)
         assert float(metrics.learning_rate.value) == applied  # what is logged is what applied
