@@ -17,10 +17,12 @@
 #   IMAGE            container image with imagenet_jax installed (`pip install '.[tpu]'` or
 #                    '.[cuda]') and `imagenet-jax` on its PATH, run from the repository root:
 #                    launch/gke/Dockerfile builds one (its header has the commands)
-#   BUCKET           Cloud Storage bucket, mounted at /gcs in every pod (Cloud Storage FUSE
-#                    CSI driver; SERVICE_ACCOUNT needs read-write access to it)
-#   WORKDIR          the run's folder, which every pod sees (default /gcs/runs/JOBSET_NAME);
-#                    imagenet-jax writes through the file system, so a path, not gs://
+#   BUCKET           Cloud Storage bucket (SERVICE_ACCOUNT needs read-write access to it):
+#                    the default workdir is in it, and it is also mounted read-mostly at
+#                    /gcs in every pod (Cloud Storage FUSE CSI driver) for datasets
+#   WORKDIR          the run's folder (default gs://BUCKET/runs/JOBSET_NAME): written through
+#                    the Cloud Storage API, where a checkpoint commits atomically; a /gcs/...
+#                    path works too (commits are marked by a file, not a rename)
 #   CONFIG           config file in the image (default configs/resnet50.py)
 #   MAX_RESTARTS     JobSet restarts after a failure or preemption (default 10)
 #   SERVICE_ACCOUNT  Kubernetes service account of the pods (default: default)
@@ -67,7 +69,7 @@ usage() {
 declare -A WHAT=(
   [JOBSET_NAME]="the JobSet's name, e.g. JOBSET_NAME=rn50"
   [IMAGE]="the container image, e.g. IMAGE=us-docker.pkg.dev/my-project/ml/imagenet-jax:tpu"
-  [BUCKET]="the Cloud Storage bucket mounted at /gcs, e.g. BUCKET=my-bucket"
+  [BUCKET]="the Cloud Storage bucket of the workdir (also mounted at /gcs), e.g. BUCKET=my-bucket"
   [TPU_ACCELERATOR]="the TPU node label, e.g. TPU_ACCELERATOR=tpu-v5-lite-podslice"
   [TPU_TOPOLOGY]="the slice's topology, e.g. TPU_TOPOLOGY=16x16"
   [NUM_NODES]="the number of GPU nodes, e.g. NUM_NODES=4"
@@ -103,7 +105,7 @@ check_name() {
 common_variables() {
   check_name
   require IMAGE BUCKET
-  export WORKDIR=${WORKDIR:-/gcs/runs/$JOBSET_NAME}
+  export WORKDIR=${WORKDIR:-gs://$BUCKET/runs/$JOBSET_NAME}
   export CONFIG=${CONFIG:-configs/resnet50.py}
   export MAX_RESTARTS=${MAX_RESTARTS:-10}
   export SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-default}

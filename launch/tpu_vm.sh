@@ -38,10 +38,9 @@
 #   DRY_RUN=1         print every command (one a line, prefixed with "+ ") instead of running it
 #
 # The workdir: every process writes its part of each checkpoint, so on a pod slice
-# --workdir must be a folder all workers see (a Filestore NFS mount, or a bucket mounted
-# with gcsfuse at the same path on every worker); imagenet-jax writes through the file system,
-# so a gs:// URL is not accepted. On a single host a local folder (the default runs/NAME) works,
-# and goes away with the VM.
+# --workdir must be one all workers see: a Cloud Storage URL (gs://BUCKET/runs/NAME, the
+# usual choice: the VMs' service account reaches it with no set-up) or a shared mount. On a
+# single host a local folder (the default runs/NAME) works, and goes away with the VM.
 #
 # Single host (v5e, 8 chips):
 #   export PROJECT=my-project ZONE=us-west4-a TPU_NAME=rn50 ACCELERATOR_TYPE=v5litepod-8
@@ -54,7 +53,7 @@
 #   export PROJECT=my-project ZONE=us-central2-b TPU_NAME=rn50-pod ACCELERATOR_TYPE=v4-32 SPOT=1
 #   export REPO_URL=https://github.com/me/imagenet_jax.git REPO_REF=v0.1.0
 #   launch/tpu_vm.sh create && launch/tpu_vm.sh install
-#   launch/tpu_vm.sh run train --config=configs/resnet50.py --workdir=/mnt/shared/rn50 \
+#   launch/tpu_vm.sh run train --config=configs/resnet50.py --workdir=gs://my-bucket/runs/rn50 \
 #       --config.dataset=folder:/mnt/shared/imagenet
 #   WORKER=all launch/tpu_vm.sh logs
 set -euo pipefail

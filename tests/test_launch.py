@@ -398,7 +398,7 @@ def test_gke_tpu_manifest_runs_one_pod_per_host_of_the_slice(tmp_path):
     assert container["image"] == GKE["IMAGE"]
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert container["command"] == ["imagenet-jax", "train"]
-    assert container["args"] == ["--config=configs/resnet50.py", "--workdir=/gcs/runs/rn50",
+    assert container["args"] == ["--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50",
                                  "--config.dataset=folder:/gcs/imagenet"]
     assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
 
@@ -422,7 +422,7 @@ def test_gke_gpu_manifest_joins_the_pods_through_pod_zero(tmp_path):
     (container,) = pod["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
     assert container["args"] == [
-        "--config=configs/resnet50.py", "--workdir=/gcs/runs/rn50",
+        "--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50",
         # JobSet pod names: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>
         "--coordinator_address=rn50-workers-0-0.rn50:8482", "--num_processes=4",
         "--process_id=$(JOB_COMPLETION_INDEX)",  # expanded by Kubernetes

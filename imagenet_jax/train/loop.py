@@ -233,7 +233,8 @@ def check_writable(workdir: epath.Path) -> None:
         raise ConfigError(f"workdir {workdir}: the URLs supported are gs://BUCKET/PATH "
                           "(Cloud Storage) and local paths")
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        if not storage.is_url(workdir):  # (a bucket has no folders; gcsfs would create one)
+            workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
