@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from absl import logging
 from etils import epath
+from etils.epath import gpath
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _T = TypeVar("_T")
@@ -29,6 +30,11 @@ _T = TypeVar("_T")
 def configure() -> None:
     """Routes epath's gs:// through gcsfs and, with an emulator, every client to it."""
     os.environ["EPATH_USE_TF"] = "false"
+    # epath caches its TensorFlow check at the first gs:// path (TFDS touches one when it
+    # looks for datasets on GCS): forget it, so the setting holds whoever came first.
+    cached = getattr(gpath, "_is_tf_installed", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     host = emulator_host()
     if host:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)  # Orbax's array data

@@ -23,7 +23,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import tiny_config as tiny  # noqa: E402
 
+from imagenet_jax import storage  # noqa: E402
 from imagenet_jax.data import demo  # noqa: E402
+
+storage.configure()  # as the CLI does first: gs:// through gcsfs for the whole session
 
 REPO = Path(__file__).resolve().parents[1]
 
