@@ -35,6 +35,11 @@ def configure() -> None:
     cached = getattr(gpath, "_is_tf_installed", None)
     if hasattr(cached, "cache_clear"):
         cached.cache_clear()
+    import fsspec.config
+
+    # Listings must show what other processes and TensorStore (not gcsfs) wrote: gcsfs
+    # would otherwise keep a folder's first listing for the life of the process.
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
     host = emulator_host()
     if host:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)  # Orbax's array data
@@ -42,9 +47,6 @@ def configure() -> None:
         # gcsfs finds the emulator by itself; it needs no credentials, and not its bucket-type
         # probe (a gRPC API that emulators lack, retried for minutes). Read at its import.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        import fsspec.config
-
-
         fsspec.config.conf.setdefault("gs", {}).setdefault("token", "anon")
 
 

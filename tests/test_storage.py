@@ -13,7 +13,8 @@ import time
 import fsspec
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from chaos import chaos, run_to_end
+from conftest import REPO, subprocess_env, tiny_config
 from gcs_emulator import BUCKET
 
 from imagenet_jax import storage
@@ -93,3 +94,24 @@ def test_a_folder_dataset_on_gs_trains_like_its_local_copy(bucket, tiny_dataset,
         results.append((result, [r["loss"] for r in read_records(tmp_path / name)]))
     assert results[0] == results[1]
     assert results[0][0]["num_examples"] == 70
+
+
+# Each checkpoint of the tiny state is ~500 objects through the emulator's one-request-
+# at-a-time Python server: 20-75 s apiece, minutes a run; so out of the default suite.
+@pytest.mark.slow
+def test_a_gs_run_killed_and_resumed_equals_an_uninterrupted_one(bucket, tiny_dataset,
+                                                                  tmp_path):
+    flags = ["--config=tests/tiny_config.py", f"--config.dataset=folder:{tiny_dataset}",
+             "--config.num_epochs=2", "--config.checkpoint_every_steps=8"]
+    env = dict(subprocess_env(4), **{storage.EMULATOR_ENV: os.environ[storage.EMULATOR_ENV]})
+    local = tmp_path / "uninterrupted"
+    run_to_end(flags, local, env)
+    report = chaos(flags, f"{bucket}/chaos", kills=1, seed=0, max_delay=1.0, env=env,
+                   uninterrupted=local)
+    assert report.kills == 1 and report.params_equal, report
+    workdir = f"{bucket}/chaos/killed"
+    keys = [(r["step"], r["split"]) for r in read_records(workdir)]
+    assert len(keys) == len(set(keys)) and keys[-1] == (24, "val")
+    assert keys == [(r["step"], r["split"]) for r in read_records(local)]
+    assert storage.as_path(f"{workdir}/config.json").exists()
+    assert "already finished" in run_to_end(flags, workdir, env).stderr
