@@ -357,9 +357,7 @@ class SkippingBatches(Iterator[dict]):
                 image_bytes, label = self._retry(lambda i=index: self._read(i),
                                                  f"reading {self._describe(index)}")
             except Exception as e:  # noqa: BLE001 - eager reads raise the store's own errors too
-                skipped.add(index)
-                self._unreported[index] = f"{self._describe(index)} ({type(e).__name__})"
-                logging.info("Skipping unreadable image %s", self._unreported[index])
+                self._skip(index, e, skipped)
                 continue
             readable = index if readable is None else readable  # its raw read works
             if self._loads(args):  # ... for a while only: nothing to repair.
@@ -370,9 +368,7 @@ class SkippingBatches(Iterator[dict]):
                 logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
                              self._describe(index))
             except tf.errors.OpError as e:
-                skipped.add(index)
-                self._unreported[index] = f"{self._describe(index)} ({type(e).__name__})"
-                logging.info("Skipping unreadable image %s", self._unreported[index])
+                self._skip(index, e, skipped)
         if converted.keys() == repairs.converted.keys() and skipped == repairs.skipped:
             self._retries += 1
             if self._retries > _MAX_RETRIES:
@@ -384,6 +380,11 @@ class SkippingBatches(Iterator[dict]):
         self.repairs = Repairs(converted, frozenset(skipped), labels,
                                repairs.readable if repairs else readable)
         self._iterator = iter(self._build(self._position, self.repairs).as_numpy_iterator())
+
+    def _skip(self, index: int, error: Exception, skipped: set[int]) -> None:
+        skipped.add(index)
+        self._unreported[index] = f"{self._describe(index)} ({type(error).__name__})"
+        logging.info("Skipping unreadable image %s", self._unreported[index])
 
     def _loads(self, args: tuple) -> bool:
         try:
