@@ -46,6 +46,10 @@ class CheckpointMismatch(ConfigError):
     """The workdir's checkpoint was written by another config: nothing was changed."""
 
 
+class CheckpointDamaged(ConfigError):
+    """A checkpoint asked for by step cannot be read: its files are damaged or missing."""
+
+
 class StorageUnavailable(RuntimeError):
     """Checkpoints could not be read for a reason other than damage: nothing was changed."""
 
@@ -62,11 +66,14 @@ class Outcome(enum.IntEnum):
 class Checkpointer:
     """The run's checkpoint folder: `save` at intervals, `restore_latest` on start."""
 
-    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int,
-                 read_attempts: int = 4, retry_delay_s: float = 1.0):
+    def __init__(self, directory: str | os.PathLike, *, every_steps: int = 1, keep: int = 1,
+                 read_attempts: int = 4, retry_delay_s: float = 1.0, read_only: bool = False):
+        """`read_only`: for reading a run's checkpoints while it may still be writing them
+        (`imagenet-jax eval`): nothing is created, deleted or cleaned up."""
         self.directory = storage.as_path(directory)
         self.read_attempts, self.retry_delay_s = read_attempts, retry_delay_s
-        options = ocp.CheckpointManagerOptions(
+        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
+            ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
             create=True,
@@ -101,33 +108,51 @@ class Checkpointer:
         Arrays go straight into `state`'s shardings, so a checkpoint written on 8 devices
         restores on 4 or 1.
         """
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         for step in self._steps_of_process_0():
-            outcome, result = self._read(step, target)
+            outcome, result = self._read(step, _target_of(state))
             agreed = _agree(outcome)
             if agreed == Outcome.RESTORED:
                 logging.info("Restored the checkpoint of step %d from %s", step, self.directory)
                 return result
-            if agreed == Outcome.MISMATCH:
-                what = result if outcome == Outcome.MISMATCH else "another process found so"
-                raise CheckpointMismatch(
-                    f"the checkpoint of step {step} in {self.directory} was written by another "
-                    f"config ({what}); nothing was changed. Train this config in a new "
-                    "--workdir, or run the same config as before on this one")
-            if agreed == Outcome.UNAVAILABLE:
-                why = (f"{type(result).__name__}: {str(result)[:300]}"
-                       if outcome == Outcome.UNAVAILABLE else "on another process")
-                raise StorageUnavailable(
-                    f"could not read the checkpoint of step {step} in {self.directory} after "
-                    f"{self.read_attempts} attempts ({why}); nothing was changed: run the "
-                    "same command again once the storage answers")
+            if agreed != Outcome.DAMAGED:
+                self._raise(step, outcome, agreed, result)
             why = (f"{type(result).__name__}: {str(result)[:300]}"
                    if outcome == Outcome.DAMAGED else "damaged as another process reads it")
             logging.warning("The checkpoint of step %d in %s is damaged (%s); moving it aside "
                             "and trying the one before.", step, self.directory, why)
             self._set_aside(step)
         return state
+
+    def steps(self) -> list[int]:
+        """The finished steps, newest first, as every process is told by process 0."""
+        return self._steps_of_process_0()
+
+    def restore(self, step: int, state: Any) -> Any:
+        """Checkpoint `step`, laid out like `state`, changing nothing in the folder: a
+        damaged step is an error here, not set aside."""
+        outcome, result = self._read(step, _target_of(state))
+        agreed = _agree(outcome)
+        if agreed == Outcome.RESTORED:
+            return result
+        self._raise(step, outcome, agreed, result)
+
+    def _raise(self, step: int, outcome: Outcome, agreed: Outcome, result: Any) -> None:
+        """The error for a step the processes agree they cannot restore."""
+        if agreed == Outcome.MISMATCH:
+            what = result if outcome == Outcome.MISMATCH else "another process found so"
+            raise CheckpointMismatch(
+                f"the checkpoint of step {step} in {self.directory} was written by another "
+                f"config ({what}); nothing was changed. Train this config in a new "
+                "--workdir, or run the same config as before on this one")
+        why = (f"{type(result).__name__}: {str(result)[:300]}" if outcome == agreed
+               else "on another process")
+        if agreed == Outcome.DAMAGED:
+            raise CheckpointDamaged(f"the checkpoint of step {step} in {self.directory} is "
+                                    f"damaged ({why}); nothing was changed")
+        raise StorageUnavailable(
+            f"could not read the checkpoint of step {step} in {self.directory} after "
+            f"{self.read_attempts} attempts ({why}); nothing was changed: run the "
+            "same command again once the storage answers")
 
     def _steps_of_process_0(self) -> list[int]:
         """Finished steps, newest first, as process 0 lists them (one list for all)."""
@@ -192,6 +217,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _target_of(state: Any) -> Any:
+    """Shape structs of `state` in its shardings: what a restore reads into."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def _agree(outcome: Outcome) -> Outcome:

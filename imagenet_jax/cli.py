@@ -4,6 +4,15 @@
       Train and evaluate; with no flags, the demo config into runs/demo. Any config field
       can be overridden, e.g. --config.model=resnet18 --config.num_epochs=30. Re-running
       on a workdir resumes from its latest checkpoint.
+  imagenet-jax eval --workdir=DIR [--step=N] [--eval=SPEC[,SPEC...]] [--config.FIELD=VALUE]
+                    [--json]
+      Evaluates a run's checkpoint (the latest, or --step) with the run's own model,
+      resolution and crop (any field overridable) on each evaluation set (default: the
+      run's dataset): 'demo', 'folder:/path', 'tfds:NAME' (e.g. imagenet2012,
+      imagenet_v2/matched-frequency, imagenet2012_real), 'real:/path/real.json'. Top-1,
+      top-5, NLL, calibration (ECE), per-class top-1, WordNet mistake severity; writes
+      DIR/eval/STEP.json and a reliability diagram per set; --json prints the JSON.
+      Reads the workdir's checkpoints only: nothing there is changed.
   imagenet-jax models [--json]
       The registered models: parameters (1000 classes), forward GMACs of one image at
       the native resolution, native resolution. --json prints a JSON list instead.
@@ -78,7 +87,11 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
         "config go here; re-running on it resumes. Default: runs/<config file name>.")
-    flags.DEFINE_bool("json", False, "models, bench: print JSON instead of a table.")
+    flags.DEFINE_bool("json", False, "models, bench, eval: print JSON instead of a table.")
+    flags.DEFINE_integer("step", None, "eval: the checkpoint's step. Default: the latest.")
+    flags.DEFINE_list("eval", None, "eval: the evaluation sets, comma-separated, e.g. "
+                      "tfds:imagenet2012,tfds:imagenet_v2/matched-frequency. Default: the "
+                      "run's own dataset.")
     flags.DEFINE_string("coordinator_address", None,
                         "Multi-process: host:port of process 0 (needs --num_processes and "
                         "--process_id). Without it, a detected cluster (Cloud TPU pod, "
@@ -196,6 +209,49 @@ def train(argv: list[str]) -> None:
               f"({result['num_examples']} examples). Workdir: {workdir}")
 
 
+def evaluate(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; usage: imagenet-jax eval --workdir=DIR "
+              "[--step=N] [--eval=SPEC,...] [--config.FIELD=VALUE ...] [--json]")
+    if not FLAGS.workdir:
+        _fail("eval needs --workdir=DIR, the run to evaluate")
+    if any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv):
+        _fail("eval uses the run's own config (DIR/config.json); change a field with "
+              "--config.FIELD=VALUE instead of --config=FILE")
+    _join_job()
+    import jax
+
+    _use_compilation_cache()
+    from imagenet_jax.checkpoint import StorageUnavailable
+    from imagenet_jax.config import ConfigError
+    from imagenet_jax.evaluation import report
+    from imagenet_jax.evaluation.run import evaluate_run
+
+    try:
+        result = evaluate_run(FLAGS.workdir, FLAGS.eval or (), step=FLAGS.step,
+                              overrides=_config_overrides(sys.argv))
+    except ConfigError as e:
+        _fail(str(e))
+    except StorageUnavailable as e:
+        print(f"imagenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_STORAGE)
+    if jax.process_index() == 0:
+        print(json.dumps(report.json_safe(result)) if FLAGS.json else report.format_table(result))
+
+
+def _config_overrides(argv: list[str]) -> dict:
+    """{'FIELD': value} for each --config.FIELD=VALUE given, typed as config_flags parsed it."""
+    names = [arg[len("--config."):].partition("=")[0] for arg in argv
+             if arg.startswith("--config.")]
+    overrides = {}
+    for name in names:
+        value = FLAGS.config
+        for part in name.split("."):
+            value = value[part]
+        overrides[name] = value
+    return overrides
+
+
 def list_models(argv: list[str]) -> None:
     from imagenet_jax.models import summary
 
@@ -273,7 +329,8 @@ def prepare(argv: list[str]) -> None:
     print("imagenet2012 prepared: " + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
 
 
-COMMANDS = {"train": train, "models": list_models, "bench": bench, "prepare": prepare}
+COMMANDS = {"train": train, "eval": evaluate, "models": list_models, "bench": bench,
+            "prepare": prepare}
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):

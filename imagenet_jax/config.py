@@ -98,6 +98,28 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def config_from_json(values: dict) -> ml_collections.ConfigDict:
+    """A run's config again from the "config" of its WORKDIR/config.json: the fields JSON
+    turned into lists become tuples again where the base config has tuples."""
+    config = base_config()
+    for name, value in values.items():
+        if name not in config:
+            raise ConfigError(f"config.json has an unknown field {name!r} (written by another "
+                              "version of imagenet_jax?)")
+        default = config[name]
+        if isinstance(default, ml_collections.ConfigDict):
+            config[name] = ml_collections.ConfigDict(value)
+        elif isinstance(default, tuple):
+            config[name] = _as_tuples(value)
+        else:
+            config[name] = value
+    return config
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class Derived:
     """What a run computes from its config, its dataset and its devices."""

@@ -256,14 +256,15 @@ def eval_decoder(image_size: int, crop_ratio: float) -> Callable[..., dict]:
     """(index, valid, image bytes, label, readable) -> one evaluation example."""
     def decode(index, valid, image_bytes, label, readable):
         image = preprocess.eval_image(image_bytes, image_size, crop_ratio)
-        return {"image": image, "label": label, "mask": valid & readable}
+        return {"image": image, "label": label, "index": tf.cast(index, tf.int32),
+                "mask": valid & readable}
 
     return decode
 
 
 def eval_loader(source: Source, split: str, image_size: int, crop_ratio: float,
                 repairs: Repairs = Repairs()) -> Callable[[tf.Tensor, tf.Tensor], dict]:
-    """(index, valid) -> one evaluation example {'image', 'label', 'mask'}."""
+    """(index, valid) -> one evaluation example {'image', 'label', 'index', 'mask'}."""
     read = repaired_reader(source.read(split), repairs)
     decode = eval_decoder(image_size, crop_ratio)
     return lambda index, valid: decode(index, valid, *read(index))
@@ -274,8 +275,9 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
                  repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """Every example of `split` exactly once, padded to whole global batches.
 
-    Batches are {'image', 'label', 'mask'}; padding rows repeat the last example with
-    mask False, and so do skipped examples. Every process yields the same number of
+    Batches are {'image', 'label', 'index', 'mask'} (index: the example's position in
+    `split`); padding rows repeat the last example with mask False, and so do skipped
+    examples. Every process yields the same number of
     batches.
     """
     hide_accelerators_from_tensorflow()

@@ -122,7 +122,7 @@ class FolderSource:
     def fingerprint(self) -> str:
         digest = hashlib.sha256("\n".join(self.class_names).encode())
         prefix = len(os.fspath(self.root).rstrip("/")) + 1
-        for split in SPLITS:
+        for split in sorted(self.files):
             for path, label in zip(self.files[split], self.labels[split], strict=True):
                 digest.update(f"{split}\t{label}\t{path[prefix:]}\n".encode())
         return digest.hexdigest()
@@ -160,6 +160,24 @@ def open_folder(root: str | Path) -> FolderSource:
     for split in SPLITS:
         files[split], labels[split] = _list_split(root / split, class_names)
     return FolderSource(root, class_names, files, labels)
+
+
+def open_eval_folder(root: str | Path) -> FolderSource:
+    """A folder to evaluate on, as its "val" split: `root/val/<class>/<image>` when root
+    has val/, else `root/<class>/<image>` (ImageNet-A, -R and -V2 as distributed). The
+    classes are the split's own folders, which may be fewer than a model's."""
+    if storage.is_url(root):
+        return open_folder(root)
+    root = Path(root)
+    split_dir = root / "val" if (root / "val").is_dir() else root
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"evaluation folder {root} does not exist")
+    class_names = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+    if not class_names:
+        raise FileNotFoundError(f"{split_dir} has no class folders; expected "
+                                f"{split_dir}/<class>/<image>")
+    files, labels = _list_split(split_dir, class_names)
+    return FolderSource(root, class_names, {"val": files}, {"val": labels})
 
 
 def _list_split(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -69,10 +69,12 @@ def batch_maker(source: SyntheticSource, mesh: Mesh, global_batch_size: int, ima
     def make(position, num_valid):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
         image_key, label_key = jax.random.split(key)
+        rows = jnp.arange(global_batch_size)
         return {"image": jax.random.bits(image_key, shape, jnp.uint8),
                 "label": jax.random.randint(label_key, shape[:1], 0, source.num_classes),
                 "flip": jnp.zeros(shape[:1], bool),
-                "mask": jnp.arange(global_batch_size) < num_valid}
+                "index": (position * global_batch_size + rows).astype(jnp.int32),
+                "mask": rows < num_valid}
 
     return jax.jit(make, out_shardings=batch_sharding(mesh))
 

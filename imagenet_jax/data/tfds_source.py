@@ -92,6 +92,20 @@ class TfdsSource:
 
         return read_examples
 
+    def feature_values(self, split: str, key: str) -> list[list]:
+        """Feature `key` of every example of `split`, in order, each as a list of ints or
+        strings: a pass over the split's records (for a file name or a set of labels)."""
+        records = self.records[split]
+        values = []
+        for start in range(0, self.sizes[split], 1024):
+            chunk = records.__getitems__(list(range(start, min(start + 1024,
+                                                               self.sizes[split]))))
+            for record in chunk:
+                feature = tf.train.Example.FromString(record).features.feature[key]
+                values.append(list(feature.int64_list.value)
+                              or [v.decode() for v in feature.bytes_list.value])
+        return values
+
     def fingerprint(self) -> str:
         lines = [self.name, *self.class_names, *self.shards]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
@@ -110,8 +124,12 @@ class TfdsSource:
         return f"{where} {values[0].decode()}" if values else where
 
 
-def open_tfds(name: str, data_dir: str | None = None) -> TfdsSource:
+def open_tfds(name: str, data_dir: str | None = None,
+              splits: tuple[str, ...] = SPLITS) -> TfdsSource:
     """Opens the prepared dataset `name` under `data_dir` (TFDS's default when None).
+
+    `splits`: ("val",) opens a dataset to evaluate on, which may have no train split
+    (ImageNetV2 has only 'test').
 
     Raises:
       ValueError: unknown dataset, not image classification, no train/val splits, or
@@ -124,15 +142,15 @@ def open_tfds(name: str, data_dir: str | None = None) -> TfdsSource:
     _require_random_access(name, builder)
     info = builder.info
     image_key, label_key = _feature_keys(name, info)
-    split_names = _split_names(name, info)
+    split_names = _split_names(name, info, splits)
     records = {split: builder.as_data_source(
         split_names[split], file_format="array_record",
-        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES) for split in SPLITS}
+        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES) for split in splits}
     return TfdsSource(
         name=name, class_names=tuple(info.features[label_key].names), split_names=split_names,
-        sizes={split: info.splits[split_names[split]].num_examples for split in SPLITS},
+        sizes={split: info.splits[split_names[split]].num_examples for split in splits},
         image_key=image_key, label_key=label_key, features=info.features, records=records,
-        shards=tuple(f"{split} {filename} {length}" for split in SPLITS
+        shards=tuple(f"{split} {filename} {length}" for split in splits
                      for filename, length in zip(info.splits[split_names[split]].filenames,
                                                  info.splits[split_names[split]].shard_lengths,
                                                  strict=True)))
@@ -192,6 +210,10 @@ def _feature_keys(name: str, info) -> tuple[str, str]:
     else:
         image_key = _first_key(features, tfds.features.Image)
         label_key = _first_key(features, tfds.features.ClassLabel)
+    if label_key in features and not isinstance(features[label_key], tfds.features.ClassLabel):
+        # e.g. imagenet2012_real, whose supervised label is a set of classes: the image's
+        # single class is its first ClassLabel ('original_label').
+        label_key = _first_key(features, tfds.features.ClassLabel) or label_key
     if label_key is None or not isinstance(features[label_key], tfds.features.ClassLabel):
         raise ValueError(f"TFDS dataset {name!r} is not an image-classification dataset: its "
                          f"label {label_key!r} is not a ClassLabel; features: {list(features)}")
@@ -206,10 +228,11 @@ def _first_key(features, feature_type) -> str | None:
     return next((k for k, f in features.items() if isinstance(f, feature_type)), None)
 
 
-def _split_names(name: str, info) -> dict[str, str]:
+def _split_names(name: str, info, splits: tuple[str, ...] = SPLITS) -> dict[str, str]:
     available = set(info.splits)
     val = next((s for s in ("validation", "test") if s in available), None)
-    if "train" not in available or val is None:
-        raise ValueError(f"TFDS dataset {name!r} needs a 'train' split and a 'validation' or "
-                         f"'test' split; it has {sorted(available)}")
-    return {"train": "train", "val": val}
+    if ("train" in splits and "train" not in available) or val is None:
+        needed = "a 'train' split and " if "train" in splits else ""
+        raise ValueError(f"TFDS dataset {name!r} needs {needed}a 'validation' or 'test' split; "
+                         f"it has {sorted(available)}")
+    return {split: "train" if split == "train" else val for split in splits}

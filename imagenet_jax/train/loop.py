@@ -24,11 +24,13 @@ from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import input as data_input
+from imagenet_jax.evaluation.predictions import predict
 from imagenet_jax.metrics import MetricsLogger, read_records
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
 from imagenet_jax.train.state import TrainState
+from imagenet_jax.train.steps import ClassMap
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -61,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpointer.close()
         return last_record(workdir, "val")
     if jax.process_index() == 0:
-        save_config(workdir, config, derived)
+        save_config(workdir, config, derived, source.class_names)
         if start_step == 0:
             parameter_overview.log_parameter_overview(state.params)
 
@@ -208,13 +210,7 @@ def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.Con
              mesh) -> dict:
     """Exact metrics over the whole validation split, whatever the batch and device count."""
     batches = data_input.eval_batches(source, config, mesh)
-    totals = None
-    for batch in batches:
-        metrics = eval_step(state, batch)
-        totals = metrics if totals is None else totals.merge(metrics)
-    totals = jax.device_get(totals)
-    result = {k: float(v) for k, v in totals.compute().items() if k != "num_examples"}
-    result["num_examples"] = int(totals.num_examples.count)
+    result = predict(eval_step, state, batches, ClassMap.identity(source.num_classes)).summary()
     report_skipped(batches.take_report(), "evaluation (not counted in num_examples)")
     return result
 
@@ -243,9 +239,12 @@ def check_writable(workdir: epath.Path) -> None:
         raise ConfigError(f"workdir {workdir} is not writable: {reason}") from None
 
 
-def save_config(workdir: epath.Path, config: ml_collections.ConfigDict, derived: Derived) -> None:
+def save_config(workdir: epath.Path, config: ml_collections.ConfigDict, derived: Derived,
+                class_names: tuple[str, ...]) -> None:
+    """WORKDIR/config.json: the config, what was derived from it, and the model's classes
+    in output order (what `imagenet-jax eval` needs without the training set)."""
     resolved = {"config": json.loads(config.to_json_best_effort()),
-                "derived": dataclasses.asdict(derived)}
+                "derived": dataclasses.asdict(derived), "class_names": list(class_names)}
     storage.write_atomically(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
 

@@ -83,7 +83,7 @@ class Run:
     graphdef: nnx.GraphDef
     state: TrainState
     train_step: Callable    # (state, batch) -> (state, TrainMetrics); donates state
-    eval_step: Callable     # (state, batch) -> EvalMetrics
+    eval_step: Callable     # (state, batch, ClassMap) -> per-example predictions
     learning_rate_fn: Callable
 
 

@@ -1,8 +1,8 @@
 """The pure train and eval steps, and their jitted, sharded, donated forms.
 
-`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`
-are plain functions of arrays. Batches hold uint8 images: they cross to the
-device at a quarter of float32's bytes and are normalised here, on the device.
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch, class_map)
+-> per-example predictions` are plain functions of arrays. Batches hold uint8 images:
+they cross to the device at a quarter of float32's bytes and are normalised here.
 """
 
 # No `from __future__ import annotations`: CLU reads the metric classes from the annotations.
@@ -12,6 +12,7 @@ from collections.abc import Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
@@ -63,11 +64,26 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 @flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    top1: clu_metrics.Average.from_output("top1")
-    top5: clu_metrics.Average.from_output("top5")
-    num_examples: clu_metrics.Average.from_output("num_examples")  # .count is the exact tally
+class ClassMap:
+    """Which of the model's classes an evaluation set scores, and its labels among them.
+
+    `allowed` [C] bool: classes a prediction may take (a 200-class subset such as
+    ImageNet-R restricts the logits to its classes, as its paper does); `label_to_class`
+    [C] int32: the set's label i is the model's class label_to_class[i] (padded to C, so
+    every set of a model runs one compiled step).
+    """
+
+    allowed: jnp.ndarray
+    label_to_class: jnp.ndarray
+
+    @classmethod
+    def identity(cls, num_classes: int) -> "ClassMap":
+        """A set labelled with the model's own classes: every class allowed."""
+        return cls(allowed=np.ones(num_classes, bool),
+                   label_to_class=np.arange(num_classes, dtype=np.int32))
+
+
+TOP_K = 5  # the eval step's most likely classes per example (top-5 accuracy and more)
 
 
 def normalize(images: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -182,20 +198,48 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-              dtype: jnp.dtype) -> EvalMetrics:
-    """Sums over the real examples of a padded batch: padding rows have mask False."""
+def top_classes(logits: jax.Array, k: int) -> jax.Array:
+    """[B, k] int32: the k largest logits' classes, best first, ties to the lower class
+    (lax.top_k's order); -1 past the classes that can be chosen (-inf logits) and on
+    rows holding a NaN, which are never right. k argmaxes rather than a sort: each is a
+    reduction over the classes of a row, split over batch-sharded logits as they are.
+    """
+    picked = []
+    remaining = logits
+    classes = jnp.arange(logits.shape[-1])
+    for _ in range(min(k, logits.shape[-1])):
+        best = jnp.argmax(remaining, axis=-1).astype(jnp.int32)
+        chosen = classes == best[:, None]
+        best_logit = jnp.max(jnp.where(chosen, remaining, -jnp.inf), axis=-1)
+        picked.append(jnp.where(best_logit > -jnp.inf, best, -1))
+        remaining = jnp.where(chosen, -jnp.inf, remaining)
+    top = jnp.stack(picked, axis=-1)
+    return jnp.where(jnp.any(jnp.isnan(logits), axis=-1, keepdims=True), -1, top)
+
+
+def eval_step(state: TrainState, batch: dict, class_map: ClassMap, *, graphdef: nnx.GraphDef,
+              dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """Per-example predictions on a padded batch; padding rows have mask False.
+
+    Returns {'top_classes' [B, 5], 'nll' [B] (-log p(label)), 'confidence' [B] (the top
+    probability), 'label' [B] (among the model's classes), 'index' [B] (the example's
+    position in its split), 'mask' [B]}: small arrays, from which the host computes every
+    metric exactly (evaluation/metrics.py), whatever the device and process count.
+    """
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.eval()
-    logits = model(normalize(batch["image"], dtype))
-    labels, mask = batch["label"], batch["mask"]
-    return EvalMetrics.single_from_model_output(
-        loss=cross_entropy(logits, labels, 0.0),
-        top1=topk_correct(logits, labels, 1),
-        top5=topk_correct(logits, labels, 5),
-        num_examples=jnp.ones_like(labels, jnp.float32),
-        mask=mask,
-    )
+    logits = model(normalize(batch["image"], dtype)).astype(jnp.float32)
+    logits = jnp.where(class_map.allowed, logits, -jnp.inf)
+    labels = class_map.label_to_class[batch["label"]]
+    log_probs = jax.nn.log_softmax(logits)
+    return {
+        "top_classes": top_classes(logits, TOP_K),
+        "nll": -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0],
+        "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
+        "label": labels,
+        "index": batch["index"],
+        "mask": batch["mask"],
+    }
 
 
 def jit_train_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
@@ -224,6 +268,6 @@ def jit_eval_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Call
         step = gather_params_first(step, mesh, name=eval_step.__name__)
     return jax.jit(
         step,
-        in_shardings=(shardings, batch_sharding(mesh)),
+        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
         out_shardings=replicated(mesh),
     )
