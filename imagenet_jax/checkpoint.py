@@ -72,8 +72,9 @@ class Checkpointer:
         (`imagenet-jax eval`): nothing is created, deleted or cleaned up."""
         self.directory = storage.as_path(directory)
         self.read_attempts, self.retry_delay_s = read_attempts, retry_delay_s
-        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
-            ocp.CheckpointManagerOptions(
+        options = ocp.CheckpointManagerOptions(  # (every field spelled out: no warnings)
+            read_only=True, save_interval_steps=0, create=False, max_to_keep=None,
+            cleanup_tmp_directories=False) if read_only else ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
             create=True,

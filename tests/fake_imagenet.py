@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -131,3 +132,55 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet-1k's wnids in label order, as TFDS (and ImageNetV2's folder numbers) has them."""
+    return tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
+
+
+def prepare_fake_imagenet_v2(data_dir: Path, images: list[FakeImage],
+                             variant: str = "matched-frequency") -> None:
+    """Prepares `images` as TFDS's imagenet_v2/`variant` in `data_dir` (ArrayRecord), laid
+    out as the real download is (`<class number>/<name>.jpeg`) and read by TFDS's own
+    builder code; only the download is replaced by a local folder."""
+    from tensorflow_datasets.datasets.imagenet_v2 import imagenet_v2_dataset_builder as v2
+
+    folder = Path(data_dir) / "imagenet_v2_download"
+    numbers = {wnid: i for i, wnid in enumerate(imagenet_classes())}
+    for k, image in enumerate(images):
+        class_dir = folder / str(numbers[image.wnid])
+        class_dir.mkdir(parents=True, exist_ok=True)
+        (class_dir / f"{k}.jpeg").write_bytes(image.encoded)
+
+    class LocalImagenetV2(v2.Builder, skip_registration=True):
+        __module__ = v2.__name__  # where TFDS looks for the builder's own files
+        name = "imagenet_v2"
+
+        def _split_generators(self, dl_manager):
+            return [tfds.core.SplitGenerator(name=tfds.Split.TEST,
+                                             gen_kwargs={"imagenet_v2_root": str(folder)})]
+
+    LocalImagenetV2(config=variant, data_dir=str(data_dir)).download_and_prepare(
+        file_format="array_record")
+
+
+def prepare_fake_imagenet2012_real(data_dir: Path, download: FakeDownload,
+                                   real_json: Path) -> None:
+    """Prepares TFDS's imagenet2012_real in `data_dir` from the fake download's val tar and
+    a local real.json, through TFDS's own builder (only real.json's download replaced)."""
+    from tensorflow_datasets.datasets.imagenet2012_real import (
+        imagenet2012_real_dataset_builder as real,
+    )
+
+    class LocalImagenet2012Real(real.Builder, skip_registration=True):
+        __module__ = real.__name__  # where TFDS looks for the builder's own files
+        name = "imagenet2012_real"
+
+        def _get_real_labels(self, dl_manager):
+            labels = json.loads(Path(real_json).read_text())
+            return {f"ILSVRC2012_val_{i + 1:08}.JPEG": x for i, x in enumerate(labels)}
+
+    LocalImagenet2012Real(data_dir=str(data_dir)).download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=str(download.manual_dir)))

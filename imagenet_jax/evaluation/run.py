@@ -26,7 +26,7 @@ from imagenet_jax.data import input as data_input
 from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation import metrics, report
 from imagenet_jax.evaluation.predictions import Predictions, predict
-from imagenet_jax.evaluation.sets import EvalSet, open_set
+from imagenet_jax.evaluation.sets import EvalSet, open_set, unknown_labels
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 
@@ -98,6 +98,7 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     for eval_set in eval_sets:
         batches = data_input.eval_batches(eval_set.source, config, mesh)
         predictions = predict(run.eval_step, state, batches, eval_set.class_map)
+        unknown_labels(eval_set, predictions.label)
         skipped = batches.take_report()
         if skipped:
             logging.warning("%s: skipped %d unreadable image(s) on process %d (not counted):"

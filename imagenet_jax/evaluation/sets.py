@@ -13,8 +13,8 @@
       validation image ILSVRC2012_val_NNNNNNNN, in order) over the run's own dataset,
       whose validation split must be ImageNet's (files or records named that way).
 
-A set's classes are matched to the model's by name (ImageNet's wnids): every class of
-the set must be one of the model's. A set with fewer classes (a 200-class subset such
+A set's classes are matched to the model's by name (ImageNet's wnids): every class the
+set holds must be one of the model's. A set with fewer classes (a 200-class subset such
 as ImageNet-A or -R) has the logits restricted to its classes, as its papers do.
 """
 
@@ -56,6 +56,7 @@ class EvalSet:
     restricted: bool             # predictions limited to the set's classes
     # ReaL only: each example's acceptable labels, as model classes (by example index).
     real_labels: list[tuple[int, ...]] | None = None
+    classes_not_in_model: tuple[str, ...] = ()  # (a TFDS set: allowed if no example has one)
 
 
 def open_set(spec: str, *, model_classes: tuple[str, ...], run_dataset: str,
@@ -127,18 +128,27 @@ def _open_val(spec: str, data_dir: str | None) -> sources.Source:
 
 def _mapped(spec: str, kind: str, source, model_classes: tuple[str, ...], *,
             real_labels: list | None = None, real_classes: tuple[str, ...] = ()) -> EvalSet:
+    """The set with its labels mapped onto the model's classes by name.
+
+    A folder's classes are the folders it holds, so one the model lacks is an error at
+    once. A TFDS set names every class its label can take (ImageNetV2: all 1,000), not
+    only those it holds: there a class the model lacks maps to -1, and an example that
+    carries one is an error after the pass (`unknown_labels`).
+    """
     set_classes = tuple(source.class_names)
     index = {name: i for i, name in enumerate(model_classes)}
     missing = [name for name in set_classes if name not in index]
-    if missing:
+    if missing and (isinstance(source, sources.FolderSource) or len(missing) == len(set_classes)):
         raise ConfigError(
             f"eval set {spec!r} has {len(missing)} class(es) the model does not have, e.g. "
             f"{', '.join(missing[:5])} (the model's {len(model_classes)} classes are those "
             "of its training set; an eval set's classes must be among them)")
-    label_to_class = np.zeros(len(model_classes), np.int32)
-    label_to_class[:len(set_classes)] = [index[name] for name in set_classes]
+    # Padded to the model's class count: the sets of a model share one compiled step
+    # (only a TFDS set naming more classes than the model has needs another).
+    label_to_class = np.full(max(len(model_classes), len(set_classes)), -1, np.int32)
+    label_to_class[:len(set_classes)] = [index.get(name, -1) for name in set_classes]
     allowed = np.zeros(len(model_classes), bool)
-    allowed[label_to_class[:len(set_classes)]] = True
+    allowed[label_to_class[label_to_class >= 0]] = True
     if real_labels is not None:
         unknown = sorted({real_classes[c] for labels in real_labels for c in labels} - set(index))
         if unknown:
@@ -146,7 +156,18 @@ def _mapped(spec: str, kind: str, source, model_classes: tuple[str, ...], *,
                               f"the model does not have, e.g. {', '.join(unknown[:5])}")
         real_labels = [tuple(index[real_classes[c]] for c in labels) for labels in real_labels]
     return EvalSet(spec, kind, source, set_classes, ClassMap(allowed, label_to_class),
-                   restricted=not allowed.all(), real_labels=real_labels)
+                   restricted=not allowed.all(), real_labels=real_labels,
+                   classes_not_in_model=tuple(missing))
+
+
+def unknown_labels(eval_set: EvalSet, labels: np.ndarray) -> None:
+    """Raises ConfigError if examples of `eval_set` carry a class the model lacks (-1)."""
+    count = int(np.sum(labels < 0))
+    if count:
+        raise ConfigError(
+            f"eval set {eval_set.name!r}: {count} example(s) belong to classes the model does "
+            f"not have (it lacks {len(eval_set.classes_not_in_model)} of the set's classes, "
+            f"e.g. {', '.join(eval_set.classes_not_in_model[:5])})")
 
 
 def _imagenet_classes() -> tuple[str, ...]:

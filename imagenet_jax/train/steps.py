@@ -69,8 +69,8 @@ class ClassMap:
 
     `allowed` [C] bool: classes a prediction may take (a 200-class subset such as
     ImageNet-R restricts the logits to its classes, as its paper does); `label_to_class`
-    [C] int32: the set's label i is the model's class label_to_class[i] (padded to C, so
-    every set of a model runs one compiled step).
+    [>= C] int32: the set's label i is the model's class label_to_class[i], -1 for a class
+    the model lacks (padded to C, so the sets of a model share one compiled step).
     """
 
     allowed: jnp.ndarray
@@ -228,17 +228,22 @@ def eval_step(state: TrainState, batch: dict, class_map: ClassMap, *, graphdef: 
     """
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.eval()
-    logits = model(normalize(batch["image"], dtype)).astype(jnp.float32)
-    logits = jnp.where(class_map.allowed, logits, -jnp.inf)
-    labels = class_map.label_to_class[batch["label"]]
+    logits = model(normalize(batch["image"], dtype))
+    return {**score_logits(logits, batch["label"], class_map),
+            "index": batch["index"], "mask": batch["mask"]}
+
+
+def score_logits(logits: jax.Array, labels: jax.Array, class_map: ClassMap) -> dict:
+    """What evaluation keeps of each example's logits: its top classes, -log p(label) and
+    top probability (softmax over the allowed classes), its label among the model's."""
+    logits = jnp.where(class_map.allowed, logits.astype(jnp.float32), -jnp.inf)
+    labels = class_map.label_to_class[labels]
     log_probs = jax.nn.log_softmax(logits)
     return {
         "top_classes": top_classes(logits, TOP_K),
         "nll": -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0],
         "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
         "label": labels,
-        "index": batch["index"],
-        "mask": batch["mask"],
     }
 
 
