@@ -160,7 +160,10 @@ def _builder(name: str, data_dir: str | None):
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+        # Registered builders only: the community list is fetched from Cloud Storage, which
+        # an offline machine retries for minutes before the typo is reported.
+        close = difflib.get_close_matches(
+            name, tfds.list_builders(with_community_datasets=False), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown TFDS dataset {name!r}{hint} (tfds.list_builders() lists "
                          "the known names)") from None

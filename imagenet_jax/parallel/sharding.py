@@ -158,7 +158,7 @@ def is_sharded(shardings: Any) -> bool:
 
 
 def gather_params_first(step: Callable, mesh: Mesh, name: str) -> Callable:
-    """`step(state, batch)` that first all-gathers `state.params` to every device.
+    """`step(state, *inputs)` that first all-gathers `state.params` to every device.
 
     The constraint pins the parameters whole where the model reads them (see the module
     docstring); their shards, and the optimizer state's, are what the step stores and
@@ -166,10 +166,10 @@ def gather_params_first(step: Callable, mesh: Mesh, name: str) -> Callable:
     `train_step`.
     """
 
-    def gathered(state, batch):
+    def gathered(state, *inputs):
         whole = jax.tree.map(lambda _: replicated(mesh), state.params)
         params = jax.lax.with_sharding_constraint(state.params, whole)
-        return step(state.replace(params=params), batch)
+        return step(state.replace(params=params), *inputs)
 
     gathered.__name__ = gathered.__qualname__ = name
     return gathered

@@ -24,6 +24,7 @@ from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import input as data_input
+from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation.predictions import predict
 from imagenet_jax.metrics import MetricsLogger, read_records
 from imagenet_jax.parallel import mesh_from_shape
@@ -47,6 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     mesh = mesh_from_shape(derived.mesh_shape)
     logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
                  derived.num_processes, derived)
+    logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     run = recipe.build(config, derived, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
@@ -213,6 +215,13 @@ def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.Con
     result = predict(eval_step, state, batches, ClassMap.identity(source.num_classes)).summary()
     report_skipped(batches.take_report(), "evaluation (not counted in num_examples)")
     return result
+
+
+def describe_classes(class_names: tuple[str, ...], shown: int = 5) -> str:
+    """'n01440764 (tench), n01443537 (goldfish), ...': ids with their WordNet names."""
+    named = [f"{c} ({wordnet.class_name(c)})" if c in wordnet.load() else c
+             for c in class_names[:shown]]
+    return ", ".join(named) + (", ..." if len(class_names) > shown else "")
 
 
 def report_skipped(skipped: dict[int, str], when: str) -> None:
