@@ -39,6 +39,9 @@ def test_ece_is_the_weighted_gap_between_accuracy_and_confidence_per_bin():
     assert np.isnan(bins.accuracy[1])
     perfect, _ = metrics.expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1], bool))
     assert perfect == 0.0
+    broken, bins = metrics.expected_calibration_error(np.array([np.nan, 0.5]),
+                                                      np.array([0, 1], bool))
+    assert np.isnan(broken) and bins.counts.sum() == 1
 
 
 def test_score_logits_nll_confidence_and_top_classes_with_a_restriction():
@@ -103,6 +106,11 @@ def test_mistake_severity_and_hierarchical_distance():
     assert severity["histogram"] == {1: 1, 4: 2}
     # Top-2 heights per row: (0, 1), (1, 4), (4, 1), (4, 0).
     assert severity["hierarchical_distance_at_2"] == pytest.approx((1 + 5 + 5 + 4) / 8)
+    # A missing prediction (-1) is in neither: row 1 has one class, row 2 none (a NaN row).
+    top = np.array([[0, 1], [2, -1], [-1, -1]])
+    severity = metrics.mistake_severity(top, np.array([0, 0, 1]), heights, k=2)
+    assert severity["mean"] == 4.0 and severity["histogram"] == {4: 1}
+    assert severity["hierarchical_distance_at_2"] == pytest.approx((0.5 + 4) / 2)
 
 
 # --- a run to evaluate ----------------------------------------------------------------

@@ -42,10 +42,16 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
     equal-width bins of the top-class probability: Guo et al., "On Calibration of Modern
     Neural Networks" (ICML 2017), eq. 3 (Naeini et al. 2015), 15 bins as there.
 
-    Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; the first also holds 0.
+    Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; the first also holds 0. A
+    non-finite confidence (a NaN row of logits) makes the ECE nan and stays out of the bins.
     """
     confidence = np.asarray(confidence, np.float64)
     correct = np.asarray(correct, np.float64)
+    finite = np.isfinite(confidence)
+    if not finite.all():
+        ece, reliability = expected_calibration_error(confidence[finite], correct[finite],
+                                                      num_bins)
+        return float("nan"), reliability
     bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
     counts = np.bincount(bins, minlength=num_bins)
     hits = np.bincount(bins, weights=correct, minlength=num_bins)
@@ -75,19 +81,24 @@ def mistake_severity(top_classes: np.ndarray, labels: np.ndarray, heights: np.nd
     a == b; wordnet.Hierarchy.lca_height). Returns:
       mean: the mean height over the top-1 mistakes (nan without mistakes);
       histogram: {height: number of top-1 mistakes};
-      hierarchical_distance_at_k: the mean over all examples of the mean height between
-        the label and each of the k most likely classes (correct ones count 0).
+      hierarchical_distance_at_k: the mean over examples of the mean height between the
+        label and each of the k most likely classes (correct ones count 0).
+    A missing prediction (-1: a NaN row, or fewer than k classes allowed) has no place in
+    the hierarchy and is left out of both.
     """
     predicted = top_classes[:, 0]
-    wrong = predicted != labels
+    wrong = (predicted != labels) & (predicted >= 0)
     mistake_heights = heights[predicted[wrong], labels[wrong]]
     values, counts = np.unique(mistake_heights, return_counts=True)
     top_k = top_classes[:, :k]
-    at_k = heights[np.where(top_k >= 0, top_k, 0), labels[:, None]]
+    present = top_k >= 0
+    at_k = np.where(present, heights[np.where(present, top_k, 0), labels[:, None]], 0)
+    rows = present.any(axis=1)
+    per_row = at_k[rows].sum(axis=1) / present[rows].sum(axis=1)
     return {
         "mean": float(mistake_heights.mean()) if len(mistake_heights) else float("nan"),
         "histogram": {int(v): int(c) for v, c in zip(values, counts, strict=True)},
-        f"hierarchical_distance_at_{k}": float(at_k.mean()) if len(at_k) else float("nan"),
+        f"hierarchical_distance_at_{k}": float(per_row.mean()) if len(per_row) else float("nan"),
     }
 
 
