@@ -21,6 +21,8 @@ follows one contract, which the train and eval steps rely on:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -78,9 +80,32 @@ def get_spec(name: str) -> ModelSpec:
 
 def create(name: str, *, num_classes: int, dtype=jnp.float32, param_dtype=jnp.float32,
            rngs: nnx.Rngs, **options) -> nnx.Module:
-    """Builds model `name`; `options` go to its constructor (e.g. zero_init_residual)."""
-    return get_spec(name).factory(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs, **options)
+    """Builds model `name`; `options` go to its constructor (e.g. zero_init_residual).
+
+    Raises ValueError naming an option the model does not take, with those it does.
+    """
+    factory = get_spec(name).factory
+    valid = options_of(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no option {unknown[0]!r}; its options: "
+                         f"{', '.join(valid) or 'none'}")
+    return factory(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   **options)
+
+
+def options_of(name: str) -> list[str]:
+    """The constructor options of model `name` (beyond num_classes, dtypes and rngs)."""
+    factory = get_spec(name).factory
+    bound = set(getattr(factory, "keywords", {}))  # fixed by a partial (e.g. base_width)
+    target = getattr(factory, "func", factory)
+    while isinstance(target, functools.partial):  # partials of partials
+        bound |= set(target.keywords)
+        target = target.func
+    init = target.__init__ if isinstance(target, type) else target  # (NNX's metaclass hides it)
+    parameters = inspect.signature(init).parameters.values()
+    return [p.name for p in parameters if p.kind == p.KEYWORD_ONLY and p.name not in bound
+            and p.name not in ("num_classes", "dtype", "param_dtype", "rngs")]
 
 
 def count_params(model: nnx.Module) -> int:

@@ -37,6 +37,10 @@ def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
     """
     validate(config, model_names=models.names(), num_devices=jax.device_count(),
              num_processes=jax.process_count())
+    unknown = sorted(set(config.model_options) - set(models.options_of(config.model)))
+    if unknown:
+        raise ConfigError(f"model_options: {config.model} takes no option {unknown[0]!r}; its "
+                          f"options: {', '.join(models.options_of(config.model)) or 'none'}")
     try:
         source = sources.get_source(config.dataset, config.data_dir or None)
     except (OSError, ValueError) as e:

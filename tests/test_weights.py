@@ -1,0 +1,129 @@
+"""torchvision weights: every architecture's logits equal torchvision's on the same weights,
+without torch. tests/fixtures/torchvision_logits.npz holds torchvision's float64 logits on
+weights and images drawn by numpy from a seed (scripts/torchvision_reference.py, run with
+torch); here the same weights are drawn from the names and shapes our mapping gives,
+written as .safetensors, loaded through `load_torchvision` and run in float32."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import seeded_weights
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from imagenet_jax import models
+from imagenet_jax.weights import (
+    WeightsError,
+    load_torchvision,
+    save_torchvision,
+    torchvision_shapes,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "torchvision_logits.npz"
+# One of each mapping rule in the default run; the deeper and wider repeats of the same
+# rules (up to 550 MB of VGG weights each) in `make test-slow`.
+DEFAULT = ("alexnet", "vgg11_bn", "googlenet", "inception_v3", "resnet18", "resnet50",
+           "resnext50_32x4d")
+SLOW = ("vgg11", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "resnet34",
+        "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "resnext101_32x8d")
+AUX_OPTIONS = {"googlenet": {"aux_logits": True, "transform_input": True},
+               "inception_v3": {"aux_logits": True, "transform_input": True}}
+
+
+def seeded_file(name: str, directory: Path) -> Path:
+    """The seeded torchvision state dict of `name`, as .safetensors."""
+    abstract = nnx.eval_shape(lambda: models.create(
+        name, num_classes=seeded_weights.NUM_CLASSES, rngs=nnx.Rngs(0),
+        **AUX_OPTIONS.get(name, {})))
+    path = directory / f"{name}.safetensors"
+    save_file(seeded_weights.seeded_state_dict(torchvision_shapes(abstract)), str(path))
+    return path
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def check_equal_to_torchvision(name: str, directory: Path) -> None:
+    reference = np.load(FIXTURE)
+    images = jax.numpy.asarray(seeded_weights.seeded_images(name).transpose(0, 2, 3, 1),
+                               jax.numpy.float32)
+    path = seeded_file(name, directory)
+    model = load_torchvision(name, path)
+    assert relative_error(np.asarray(model(images), np.float64),
+                          reference[f"{name}/eval"]) < 1e-4
+    if f"{name}/train" in reference:
+        model = load_torchvision(name, path, **({"dropout": 0.0} if name == "googlenet" else {}))
+        model.train()
+        # Batch statistics as torch computes them, mean((x - mean)^2): flax's default
+        # E[x^2] - E[x]^2 loses float32 digits on GoogLeNet's 2x2 maps of 2 images
+        # (1.6e-4 relative measured, 7e-5 with this).
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.BatchNorm):
+                module.use_fast_variance = False
+        outputs = model(images, rngs=nnx.Rngs(dropout=0))
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        assert relative_error(np.asarray(logits, np.float64), reference[f"{name}/train"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_logits_equal_torchvision(name, tmp_path):
+    check_equal_to_torchvision(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_logits_equal_torchvision_deeper_and_wider(name, tmp_path):
+    check_equal_to_torchvision(name, tmp_path)
+
+
+def test_every_torchvision_architecture_has_a_reference():
+    stored = {key.split("/")[0] for key in np.load(FIXTURE).files if "/" in key}
+    assert stored == set(DEFAULT) | set(SLOW)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_save_then_load_is_the_identity(name, tmp_path):
+    path = seeded_file(name, tmp_path)
+    model = load_torchvision(name, path)
+    again = tmp_path / "again.safetensors"
+    save_torchvision(model, again)
+    before, after = load_file(str(path)), load_file(str(again))
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    reloaded = load_torchvision(name, again)
+    leaves = jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reloaded))
+    assert all(np.array_equal(a, b) for a, b in zip(*leaves, strict=True))
+
+
+def test_a_tensor_left_over_missing_or_misshapen_is_named(tmp_path):
+    tensors = load_file(str(seeded_file("resnet18", tmp_path)))
+    bad = tmp_path / "bad.safetensors"
+    save_file({**tensors, "layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)},
+              str(bad))
+    with pytest.raises(WeightsError, match="'layer5.0.conv1.weight'"):
+        load_torchvision("resnet18", bad)
+    save_file({k: v for k, v in tensors.items() if k != "layer2.1.bn2.running_var"}, str(bad))
+    with pytest.raises(WeightsError, match="missing, e.g. 'layer2.1.bn2.running_var'"):
+        load_torchvision("resnet18", bad)
+    save_file({**tensors, "layer1.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32)},
+              str(bad))
+    with pytest.raises(WeightsError, match=r"'layer1.0.conv1.weight' has shape \(64, 64, 1, 1\)"
+                                           r"; the model needs \(64, 64, 3, 3\)"):
+        load_torchvision("resnet18", bad)
+    with pytest.raises(WeightsError, match="not a torchvision architecture"):
+        load_torchvision("resnet_tiny", bad)
+    with pytest.raises(WeightsError, match="unknown weights format '.bin'"):
+        (tmp_path / "w.bin").write_bytes(b"")
+        load_torchvision("resnet18", tmp_path / "w.bin")
+
+
+def test_googlenet_aux_heads_follow_the_file_or_are_dropped(tmp_path):
+    path = seeded_file("googlenet", tmp_path)
+    assert load_torchvision("googlenet", path).aux1 is not None
+    model = load_torchvision("googlenet", path, aux_logits=False)
+    assert model.aux1 is None and not any("aux" in str(p) for p, _ in
+                                          nnx.to_flat_state(nnx.state(model)))
