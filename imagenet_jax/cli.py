@@ -13,6 +13,17 @@
       top-5, NLL, calibration (ECE), per-class top-1, WordNet mistake severity; writes
       DIR/eval/STEP.json and a reliability diagram per set; --json prints the JSON.
       Reads the workdir's checkpoints only: nothing there is changed.
+  imagenet-jax import --model=NAME --weights=FILE --workdir=DIR [--config=...] [--config.F=V]
+      Writes a step-0 checkpoint of model NAME with torchvision's weights (FILE: a state
+      dict as .safetensors, or .pth/.pt when torch is installed) and its config into DIR:
+      `train` on DIR fine-tunes from it, `eval` and `predict` read it. The config is
+      --config's, else the ResNet-50 recipe's, at the model's native resolution.
+  imagenet-jax export --workdir=DIR --out=FILE.safetensors [--step=N]
+      A run's checkpoint as a torchvision state dict: torchvision's load_state_dict takes it.
+  imagenet-jax predict --workdir=DIR IMAGE [IMAGE ...] [--top=5] [--step=N] [--json]
+      The top classes of each image, with probabilities and WordNet names, through the
+      run's eval transform. An unreadable file is one line naming it; the others are still
+      predicted, and the exit status is then 1.
   imagenet-jax models [--json]
       The registered models: parameters (1000 classes), forward GMACs of one image at
       the native resolution, native resolution. --json prints a JSON list instead.
@@ -88,7 +99,13 @@ def _define_flags() -> None:
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
         "config go here; re-running on it resumes. Default: runs/<config file name>.")
     flags.DEFINE_bool("json", False, "models, bench, eval: print JSON instead of a table.")
-    flags.DEFINE_integer("step", None, "eval: the checkpoint's step. Default: the latest.")
+    flags.DEFINE_integer("step", None, "eval, predict, export: the checkpoint's step. "
+                         "Default: the latest.")
+    flags.DEFINE_string("model", None, "import: the torchvision architecture, e.g. resnet50.")
+    flags.DEFINE_string("weights", None, "import: torchvision weights, .safetensors (or "
+                        ".pth/.pt with torch installed).")
+    flags.DEFINE_string("out", None, "export: the .safetensors file to write.")
+    flags.DEFINE_integer("top", 5, "predict: classes shown per image.")
     flags.DEFINE_list("eval", None, "eval: the evaluation sets, comma-separated, e.g. "
                       "tfds:imagenet2012,tfds:imagenet_v2/matched-frequency. Default: the "
                       "run's own dataset.")
@@ -239,6 +256,88 @@ def evaluate(argv: list[str]) -> None:
         print(json.dumps(report.json_safe(result)) if FLAGS.json else report.format_table(result))
 
 
+def import_weights(argv: list[str]) -> None:
+    if len(argv) > 1 or not (FLAGS.model and FLAGS.weights and FLAGS.workdir):
+        _fail("usage: imagenet-jax import --model=NAME --weights=FILE --workdir=DIR "
+              "[--config=FILE] [--config.FIELD=VALUE ...]")
+    _join_job()
+    from imagenet_jax import models
+    from imagenet_jax.config import ConfigError, base_config
+    from imagenet_jax.weights import WeightsError, import_to_workdir
+
+    explicit = any(a == "--config" or a.startswith("--config=") for a in sys.argv)
+    config = FLAGS.config if explicit else base_config()
+    overrides = _config_overrides(sys.argv)
+    try:
+        if not explicit:
+            config.image_size = models.get_spec(FLAGS.model).resolution
+        for name, value in overrides.items():
+            _set_field(config, name, value)
+        # A dataset named on the command line is opened (its classes must match the
+        # weights'); otherwise none is needed: ImageNet's classes for 1,000-class weights.
+        named = explicit or "dataset" in overrides
+        if not named:
+            config.dataset = "tfds:imagenet2012"
+        result = import_to_workdir(FLAGS.model, FLAGS.weights, FLAGS.workdir, config,
+                                   open_dataset=named)
+    except (ConfigError, WeightsError, ValueError) as e:
+        _fail(str(e))
+    print(f"Imported {result['model']} ({result['num_classes']} classes) into "
+          f"{result['workdir']} as step 0.")
+
+
+def export_weights(argv: list[str]) -> None:
+    if len(argv) > 1 or not (FLAGS.workdir and FLAGS.out):
+        _fail("usage: imagenet-jax export --workdir=DIR --out=FILE.safetensors [--step=N]")
+    _join_job()
+    from imagenet_jax.config import ConfigError
+    from imagenet_jax.weights import WeightsError, export_from_workdir
+
+    try:
+        result = export_from_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step)
+    except (ConfigError, WeightsError) as e:
+        _fail(str(e))
+    print(f"Exported step {result['step']} of {FLAGS.workdir} ({result['model']}) to "
+          f"{result['out']}.")
+
+
+def predict(argv: list[str]) -> None:
+    images = argv[1:]
+    if not images or not FLAGS.workdir:
+        _fail("usage: imagenet-jax predict --workdir=DIR IMAGE [IMAGE ...] [--top=5] [--json]")
+    _join_job()
+    import jax
+
+    _use_compilation_cache()
+    from imagenet_jax.config import ConfigError
+    from imagenet_jax.predict import predict_files
+
+    try:
+        result = predict_files(FLAGS.workdir, images, top=FLAGS.top, step=FLAGS.step,
+                               overrides=_config_overrides(sys.argv))
+    except ConfigError as e:
+        _fail(str(e))
+    if jax.process_index() == 0:
+        if FLAGS.json:
+            print(json.dumps(result))
+        for item in result["predictions"]:
+            if "error" in item:
+                print(f"imagenet-jax: error: {item['error']}", file=sys.stderr)
+            elif not FLAGS.json:
+                print(item["path"])
+                for c in item["classes"]:
+                    print(f"  {c['probability']:7.2%}  {c['name']} ({c['class']})")
+    if any("error" in item for item in result["predictions"]):
+        sys.exit(1)
+
+
+def _set_field(config, name: str, value) -> None:
+    parent, _, field = name.rpartition(".")
+    for part in filter(None, parent.split(".")):
+        config = config[part]
+    config[field] = value
+
+
 def _config_overrides(argv: list[str]) -> dict:
     """{'FIELD': value} for each --config.FIELD=VALUE given, typed as config_flags parsed it."""
     names = [arg[len("--config."):].partition("=")[0] for arg in argv
@@ -329,8 +428,8 @@ def prepare(argv: list[str]) -> None:
     print("imagenet2012 prepared: " + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
 
 
-COMMANDS = {"train": train, "eval": evaluate, "models": list_models, "bench": bench,
-            "prepare": prepare}
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "import": import_weights,
+            "export": export_weights, "models": list_models, "bench": bench, "prepare": prepare}
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):

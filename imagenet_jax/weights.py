@@ -245,3 +245,94 @@ def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
+
+
+def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.PathLike,
+                      config, *, open_dataset: bool = True) -> dict:
+    """Writes a step-0 checkpoint of model `name` with torchvision `weights` into `workdir`,
+    and its config.json: `imagenet-jax train` fine-tunes from it (the same number of
+    classes), `eval`, `predict` and `export` read it. Returns what was written.
+
+    The classes are ImageNet's 1,000 wnids for a 1,000-class file, else class_0...; with
+    `open_dataset`, the dataset of `config` is opened for the run's derived values and
+    classes when it can be (its class count must then match). Refuses a workdir that
+    already holds checkpoints.
+    """
+    from imagenet_jax import checkpoint, storage
+    from imagenet_jax.config import ConfigError, derive
+    from imagenet_jax.data import wordnet
+    from imagenet_jax.parallel import mesh_from_shape
+    from imagenet_jax.train import loop, recipe
+    from imagenet_jax.train.state import split_model
+
+    workdir = storage.as_path(workdir)
+    model = load_torchvision(name, weights, **config.model_options)
+    config.model = name
+    if name in AUX_PREFIXES:  # as loaded, so that train and eval build the same model
+        aux_head = model.aux1 if name == "googlenet" else model.AuxLogits
+        with config.unlocked():
+            config.model_options.aux_logits = aux_head is not None
+            config.model_options.transform_input = bool(model.transform_input)
+    num_classes = tensors_classes(model)
+    imagenet = sorted(w for w, s in wordnet.load().synsets.items() if s.is_class)
+    class_names = tuple(imagenet) if num_classes == 1000 else tuple(
+        f"class_{i}" for i in range(num_classes))
+    try:
+        if not open_dataset:
+            raise ConfigError("dataset not opened")
+        source, derived = recipe.plan(config)
+        if source.num_classes != num_classes:
+            raise ConfigError(f"the weights have {num_classes} classes and dataset "
+                              f"{config.dataset!r} {source.num_classes}; fine-tuning to other "
+                              "classes needs a new head, which import does not make")
+        class_names = tuple(source.class_names)
+    except ConfigError as e:
+        if "classes" in str(e):
+            raise
+        derived = derive(config, num_classes=num_classes, num_train_examples=config.batch_size,
+                         num_eval_examples=0, num_devices=jax.device_count(),
+                         num_processes=jax.process_count(), platform=jax.devices()[0].platform)
+    loop.check_writable(workdir)
+    mesh = mesh_from_shape(derived.mesh_shape)
+    run = recipe.build(config, derived, mesh)
+    _, params, model_state = split_model(model)
+    state = run.state.replace(
+        params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, run.state.params)),
+        model_state=jax.device_put(model_state, jax.tree.map(lambda x: x.sharding,
+                                                             run.state.model_state)))
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    try:
+        if checkpointer.latest_step() is not None:
+            raise ConfigError(f"{workdir} already holds checkpoints (step "
+                              f"{checkpointer.latest_step()}); import into a new --workdir")
+        checkpointer.save(0, state, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        loop.save_config(workdir, config, derived, class_names)
+    return {"workdir": os.fspath(workdir), "model": name, "num_classes": num_classes,
+            "model_options": dict(config.model_options)}
+
+
+def tensors_classes(model: nnx.Module) -> int:
+    """The number of classes of a zoo model: its last classifier's outputs."""
+    head = model.fc if hasattr(model, "fc") else model.classifier[-1]
+    return int(head.kernel.shape[-1])
+
+
+def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
+                        step: int | None = None) -> dict:
+    """Writes checkpoint `step` (default: the latest) of the run in `workdir` as a
+    torchvision state dict (`out`, .safetensors)."""
+    from imagenet_jax import saved_run
+
+    restored = saved_run.load_saved_run(workdir, step=step)
+    if restored.config.model not in TORCHVISION_MODELS:
+        raise WeightsError(f"{restored.config.model!r} is not a torchvision architecture; "
+                           f"those are: {', '.join(sorted(TORCHVISION_MODELS))}")
+    model = nnx.merge(restored.run.graphdef, jax.device_get(restored.state.params),
+                      jax.device_get(restored.state.model_state))
+    if jax.process_index() == 0:
+        save_torchvision(model, out)
+    return {"step": restored.step, "model": restored.config.model, "out": os.fspath(out)}

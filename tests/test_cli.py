@@ -33,7 +33,8 @@ def test_bad_config_exits_2_with_one_line(override, message, tmp_path):
 def test_unknown_command():
     result = run_cli("trian")
     assert result.returncode == 2
-    assert "unknown command 'trian'; valid commands: train, eval, models, bench" in result.stderr
+    assert ("unknown command 'trian'; valid commands: train, eval, predict, import, export, "
+            "models, bench") in result.stderr
 
 
 def test_help_shows_how_to_override():

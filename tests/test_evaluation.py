@@ -217,23 +217,16 @@ def test_imagenet_v2_and_real_sets(imagenet_like):
     from imagenet_jax.data import input as data_input
     from imagenet_jax.evaluation import sets
     from imagenet_jax.evaluation.predictions import predict
-    from imagenet_jax.evaluation.run import load_run_config
-    from imagenet_jax.parallel import mesh_from_shape
-    from imagenet_jax.train import recipe
+    from imagenet_jax.saved_run import load_saved_run
 
-    config, saved = load_run_config(workdir)
-    eval_set = sets.open_set(folder, model_classes=tuple(saved["class_names"]),
-                             run_dataset=folder, data_dir=None)
-    source, derived = recipe.plan(config)
-    mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
-    from imagenet_jax.checkpoint import Checkpointer
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
-    state = checkpointer.restore(result["step"], run.state)
-    checkpointer.close()
-    predictions = predict(run.eval_step, state, data_input.eval_batches(source, config, mesh),
+    restored = load_saved_run(workdir, step=result["step"])
+    eval_set = sets.open_set(folder, model_classes=restored.class_names, run_dataset=folder,
+                             data_dir=None)
+    source = eval_set.source
+    predictions = predict(restored.run.eval_step, restored.state,
+                          data_input.eval_batches(source, restored.config, restored.mesh),
                           eval_set.class_map)
-    model_classes = saved["class_names"]
+    model_classes = restored.class_names
     imagenet = fake_imagenet.imagenet_classes()
     hits = scored = 0
     for index, top in zip(predictions.index, predictions.top_classes, strict=True):
@@ -256,7 +249,7 @@ def test_eval_refuses_bad_inputs_with_one_line(imagenet_like, tmp_path):
     no_checkpoint = tmp_path / "no_checkpoint"
     no_checkpoint.mkdir()
     shutil.copy(workdir / "config.json", no_checkpoint)
-    with pytest.raises(ConfigError, match="no checkpoint to evaluate"):
+    with pytest.raises(ConfigError, match="has no checkpoint"):
         evaluate_run(no_checkpoint, [f"folder:{imagenet_like['folder']}"])
     with pytest.raises(ConfigError, match="no checkpoint of step 3; its steps: "):
         evaluate_run(workdir, [f"folder:{imagenet_like['folder']}"], step=3)
@@ -273,3 +266,31 @@ def test_eval_refuses_bad_inputs_with_one_line(imagenet_like, tmp_path):
     assert process.returncode == 2
     errors = [line for line in process.stderr.splitlines() if "imagenet-jax: error" in line]
     assert len(errors) == 1 and "unknown eval set 'imagenet-v9'" in errors[0]
+
+
+def test_predict_names_the_classes_and_the_unreadable_file(imagenet_like, tmp_path):
+    image = next((imagenet_like["folder"] / "val").rglob("*.JPEG"))
+    png = tmp_path / "picture.png"  # another format, read through Pillow
+    from PIL import Image
+    Image.open(image).save(png)
+    corrupt = tmp_path / "corrupt.JPEG"
+    corrupt.write_bytes(image.read_bytes()[:100])
+    process = subprocess.run(
+        [sys.executable, "-m", "imagenet_jax", "predict",
+         f"--workdir={imagenet_like['workdir']}", str(image), str(corrupt), str(png),
+         "--top=3", "--json"],
+        cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1, process.stderr[-3000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    first, bad, other = result["predictions"]
+    assert [c["name"] for c in first["classes"]] == [
+        wordnet.class_name(c["class"]) for c in first["classes"]]
+    assert len(first["classes"]) == 3 and all(c["class"] in imagenet_like["classes"]
+                                              for c in first["classes"])
+    probabilities = [c["probability"] for c in first["classes"]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1
+    assert other["classes"] == first["classes"] or other["classes"][0]["class"] == first[
+        "classes"][0]["class"]
+    assert "error" in bad and str(corrupt) in bad["error"]
+    errors = [line for line in process.stderr.splitlines() if "imagenet-jax: error" in line]
+    assert len(errors) == 1 and str(corrupt) in errors[0]

@@ -127,3 +127,27 @@ def test_googlenet_aux_heads_follow_the_file_or_are_dropped(tmp_path):
     model = load_torchvision("googlenet", path, aux_logits=False)
     assert model.aux1 is None and not any("aux" in str(p) for p, _ in
                                           nnx.to_flat_state(nnx.state(model)))
+
+
+def test_import_writes_a_step_0_run_that_exports_the_same_file(tmp_path):
+    from imagenet_jax.config import base_config
+    from imagenet_jax.saved_run import load_config
+    from imagenet_jax.weights import export_from_workdir, import_to_workdir
+
+    path = seeded_file("googlenet", tmp_path)
+    config = base_config()
+    config.image_size, config.batch_size, config.eval_batch_size = 32, 8, 8
+    workdir = tmp_path / "run"
+    result = import_to_workdir("googlenet", path, workdir, config, open_dataset=False)
+    assert result["num_classes"] == seeded_weights.NUM_CLASSES
+    saved_config, saved = load_config(workdir)
+    assert saved_config.model == "googlenet" and saved["class_names"][0] == "class_0"
+    # Built again from config.json, the model has the file's aux heads and input transform.
+    assert dict(saved_config.model_options) == {"aux_logits": True, "transform_input": True}
+    exported = tmp_path / "exported.safetensors"
+    assert export_from_workdir(workdir, exported)["step"] == 0
+    before, after = load_file(str(path)), load_file(str(exported))
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        import_to_workdir("googlenet", path, workdir, config, open_dataset=False)

@@ -25,6 +25,7 @@ class Predictions:
     index: np.ndarray        # [n] int32: the example's position in its split
     label: np.ndarray        # [n] int32: its label among the model's classes
     top_classes: np.ndarray  # [n, k] int32: the k most likely classes, best first; -1 none
+    top_probabilities: np.ndarray  # [n, k] float32: their probabilities (0 for none)
     nll: np.ndarray          # [n] float32: -log p(label | image)
     confidence: np.ndarray   # [n] float32: the top class's probability
 

@@ -9,47 +9,22 @@ count. Process 0 writes WORKDIR/eval/STEP.json and a reliability diagram per set
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from imagenet_jax import models, storage
-from imagenet_jax.checkpoint import Checkpointer
-from imagenet_jax.config import ConfigError, config_from_json, derive, validate
+from imagenet_jax import saved_run, storage
 from imagenet_jax.data import input as data_input
 from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation import metrics, report
 from imagenet_jax.evaluation.predictions import Predictions, predict
 from imagenet_jax.evaluation.sets import EvalSet, open_set, unknown_labels
-from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
 
 WORST_CLASSES = 10
-
-
-def load_run_config(workdir, overrides: dict[str, Any] | None = None
-                    ) -> tuple[ml_collections.ConfigDict, dict]:
-    """(the run's config with `overrides` applied, the rest of its config.json)."""
-    path = storage.as_path(workdir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{workdir} holds no run: {path} does not exist (train into it "
-                          "first, or give the --workdir of a run)") from None
-    config = config_from_json(saved["config"])
-    for name, value in (overrides or {}).items():
-        parent, _, field = name.rpartition(".")
-        target = config
-        for part in filter(None, parent.split(".")):
-            target = target[part]
-        target[field] = value
-    return config, saved
 
 
 def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
@@ -62,35 +37,14 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     """
     storage.configure()
     workdir = storage.as_path(workdir)
-    config, saved = load_run_config(workdir, overrides)
+    config, saved = saved_run.load_config(workdir, overrides)
     specs = list(specs) or [config.dataset]
-    validate(config, model_names=models.names(), num_devices=jax.device_count(),
-             num_processes=jax.process_count())
-    model_classes = tuple(saved.get("class_names") or _classes_of(config))
+    model_classes = saved_run.class_names(config, saved)
+    # The sets first: a wrong one is reported before the model is built.
     eval_sets = [open_set(spec, model_classes=model_classes, run_dataset=config.dataset,
                           data_dir=config.data_dir or None) for spec in specs]
-
-    if not (workdir / "checkpoints").exists():
-        raise ConfigError(f"{workdir} has no checkpoint to evaluate ({workdir / 'checkpoints'} "
-                          "does not exist)")
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True,
-                                read_attempts=config.read_attempts,
-                                retry_delay_s=config.read_retry_delay_s)
-    try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise ConfigError(f"{workdir} has no finished checkpoint to evaluate (none under "
-                              f"{workdir / 'checkpoints'})")
-        step = steps[0] if step is None else step
-        if step not in steps:
-            raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
-                              f"{', '.join(map(str, sorted(steps)))}")
-        derived = _derive(config, saved, len(model_classes))
-        mesh = mesh_from_shape(derived.mesh_shape)
-        run = recipe.build(config, derived, mesh)
-        state = checkpointer.restore(step, run.state)
-    finally:
-        checkpointer.close()
+    restored = saved_run.load_saved_run(workdir, step=step, overrides=overrides)
+    step, state, run, mesh = restored.step, restored.state, restored.run, restored.mesh
     logging.info("Evaluating step %d of %s on %s", step, workdir, ", ".join(specs))
 
     heights = wordnet.load().lca_heights(model_classes)
@@ -110,28 +64,6 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     if jax.process_index() == 0:
         report.write(workdir / "eval", result)
     return result
-
-
-def _classes_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The model's classes for a run whose config.json predates "class_names": those of
-    its training set, opened again."""
-    from imagenet_jax.data import sources
-
-    try:
-        return tuple(sources.get_source(config.dataset, config.data_dir or None).class_names)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"the run's config.json does not list its classes and its dataset "
-                          f"{config.dataset!r} cannot be opened: {e}") from None
-
-
-def _derive(config: ml_collections.ConfigDict, saved: dict, num_classes: int):
-    """The run's derived values on this machine's devices (the mesh may differ)."""
-    trained = saved.get("derived", {})
-    return derive(config, num_classes=num_classes,
-                  num_train_examples=trained.get("num_train_examples", config.batch_size),
-                  num_eval_examples=trained.get("num_eval_examples", 0),
-                  num_devices=jax.device_count(), num_processes=jax.process_count(),
-                  platform=jax.devices()[0].platform)
 
 
 def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str, ...],

@@ -221,10 +221,11 @@ def eval_step(state: TrainState, batch: dict, class_map: ClassMap, *, graphdef: 
               dtype: jnp.dtype) -> dict[str, jax.Array]:
     """Per-example predictions on a padded batch; padding rows have mask False.
 
-    Returns {'top_classes' [B, 5], 'nll' [B] (-log p(label)), 'confidence' [B] (the top
-    probability), 'label' [B] (among the model's classes), 'index' [B] (the example's
-    position in its split), 'mask' [B]}: small arrays, from which the host computes every
-    metric exactly (evaluation/metrics.py), whatever the device and process count.
+    Returns {'top_classes' [B, 5], 'top_probabilities' [B, 5], 'nll' [B] (-log p(label)),
+    'confidence' [B] (the top probability), 'label' [B] (among the model's classes),
+    'index' [B] (the example's position in its split), 'mask' [B]}: small arrays, from
+    which the host computes every metric exactly (evaluation/metrics.py), whatever the
+    device and process count.
     """
     model = nnx.merge(graphdef, state.params, state.model_state)
     model.eval()
@@ -239,8 +240,11 @@ def score_logits(logits: jax.Array, labels: jax.Array, class_map: ClassMap) -> d
     logits = jnp.where(class_map.allowed, logits.astype(jnp.float32), -jnp.inf)
     labels = class_map.label_to_class[labels]
     log_probs = jax.nn.log_softmax(logits)
+    top = top_classes(logits, TOP_K)
     return {
-        "top_classes": top_classes(logits, TOP_K),
+        "top_classes": top,
+        "top_probabilities": jnp.where(
+            top >= 0, jnp.exp(jnp.take_along_axis(log_probs, jnp.maximum(top, 0), axis=-1)), 0.0),
         "nll": -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0],
         "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
         "label": labels,

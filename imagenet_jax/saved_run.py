@@ -1,0 +1,113 @@
+"""A run read back from its workdir: config, classes and a checkpoint, changing nothing.
+
+`imagenet-jax eval`, `predict` and `export` all start here: WORKDIR/config.json gives the
+model, resolution and crop (any field overridable) and the model's classes; a checkpoint
+(the latest, or a given step) is read with a read-only manager, safe beside a run that
+is still writing its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from imagenet_jax import models, storage
+from imagenet_jax.checkpoint import Checkpointer
+from imagenet_jax.config import ConfigError, Derived, config_from_json, derive, validate
+from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.train import recipe
+from imagenet_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]  # the model's classes, in output order
+    derived: Derived
+    mesh: Mesh
+    run: recipe.Run
+    state: TrainState             # the checkpoint's
+    step: int
+
+
+def load_config(workdir, overrides: dict[str, Any] | None = None
+                ) -> tuple[ml_collections.ConfigDict, dict]:
+    """(the run's config with `overrides` ({'FIELD' or 'A.B': value}) applied, the whole
+    config.json); ConfigError for a workdir that holds no run."""
+    path = storage.as_path(workdir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{workdir} holds no run: {path} does not exist (train into it "
+                          "first, or give the --workdir of a run)") from None
+    config = config_from_json(saved["config"])
+    for name, value in (overrides or {}).items():
+        parent, _, field = name.rpartition(".")
+        target = config
+        for part in filter(None, parent.split(".")):
+            target = target[part]
+        target[field] = value
+    validate(config, model_names=models.names(), num_devices=jax.device_count(),
+             num_processes=jax.process_count())
+    return config, saved
+
+
+def class_names(config: ml_collections.ConfigDict, saved: dict) -> tuple[str, ...]:
+    """The model's classes: from config.json, or, for a run that predates them there,
+    from its training set opened again."""
+    if saved.get("class_names"):
+        return tuple(saved["class_names"])
+    from imagenet_jax.data import sources
+
+    try:
+        return tuple(sources.get_source(config.dataset, config.data_dir or None).class_names)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"the run's config.json does not list its classes and its dataset "
+                          f"{config.dataset!r} cannot be opened: {e}") from None
+
+
+def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
+                   overrides: dict[str, Any] | None = None) -> SavedRun:
+    """The run in `workdir` with checkpoint `step` (default: the latest) restored on this
+    machine's devices. ConfigError for no run, no checkpoint or an unknown step."""
+    workdir = storage.as_path(workdir)
+    config, saved = load_config(workdir, overrides)
+    classes = class_names(config, saved)
+    if not (workdir / "checkpoints").exists():
+        raise ConfigError(f"{workdir} has no checkpoint ({workdir / 'checkpoints'} does not "
+                          "exist)")
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True,
+                                read_attempts=config.read_attempts,
+                                retry_delay_s=config.read_retry_delay_s)
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise ConfigError(f"{workdir} has no finished checkpoint (none under "
+                              f"{workdir / 'checkpoints'})")
+        step = steps[0] if step is None else step
+        if step not in steps:
+            raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
+                              f"{', '.join(map(str, sorted(steps)))}")
+        derived = _derive(config, saved, len(classes))
+        mesh = mesh_from_shape(derived.mesh_shape)
+        run = recipe.build(config, derived, mesh)
+        state = checkpointer.restore(step, run.state)
+    finally:
+        checkpointer.close()
+    return SavedRun(config, classes, derived, mesh, run, state, step)
+
+
+def _derive(config: ml_collections.ConfigDict, saved: dict, num_classes: int) -> Derived:
+    """The run's derived values on this machine's devices (the mesh may differ)."""
+    trained = saved.get("derived", {})
+    return derive(config, num_classes=num_classes,
+                  num_train_examples=trained.get("num_train_examples", config.batch_size),
+                  num_eval_examples=trained.get("num_eval_examples", 0),
+                  num_devices=jax.device_count(), num_processes=jax.process_count(),
+                  platform=jax.devices()[0].platform)
