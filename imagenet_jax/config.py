@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     # E.g. (("fc/kernel$", (None, "fsdp")),); (("conv", ()),) replicates every conv.
     c.sharding_rules = ()
     c.batchnorm_group_size = 0       # BN statistics over groups of N batch devices; 0 = global
+    # BN running variance from the unbiased batch variance (x n/(n-1)), as torch does:
+    # for fine-tuning torchvision weights exactly as torchvision would.
+    c.batchnorm_unbiased_var = False
 
     # Computation dtype; parameters, optimizer state and BatchNorm statistics stay float32.
     # 'auto': bfloat16 on GPU and TPU, float32 on CPU. 'float16' scales the loss
@@ -215,6 +218,8 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
           f"profile_start_step must be >= 1, got {config.profile_start_step}")
     check(config.profile_num_steps >= 0,
           f"profile_num_steps must be >= 0, got {config.profile_num_steps}")
+    check(isinstance(config.batchnorm_unbiased_var, bool),
+          f"batchnorm_unbiased_var must be true or false, got {config.batchnorm_unbiased_var!r}")
     validate_sharding(config, shape)
 
 

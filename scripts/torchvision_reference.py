@@ -54,7 +54,7 @@ def logits(model: torch.nn.Module, name: str, train: bool) -> np.ndarray:
             if isinstance(module, torch.nn.Dropout):
                 module.eval()
     with torch.no_grad():
-        out = model(torch.from_numpy(seeded_weights.seeded_images(name)))
+        out = model(torch.from_numpy(seeded_weights.seeded_images(name, train)))
     out = out[0] if isinstance(out, tuple) else out  # (logits, aux...) in train mode
     return out.numpy()
 

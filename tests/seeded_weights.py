@@ -10,6 +10,9 @@ import numpy as np
 SEED = 2026
 NUM_CLASSES = 16
 BATCH = 2
+# Train mode (batch statistics): more images and pixels, so that each channel's statistics
+# cover enough values to be compared in float32 (GoogLeNet's last maps are 3x3 at 96 px).
+TRAIN_BATCH, TRAIN_RESOLUTION = 8, 96
 # Input sizes: small for speed, above each architecture's smallest input.
 RESOLUTION = {"alexnet": 64, "googlenet": 64, "inception_v3": 80}
 DEFAULT_RESOLUTION = 64
@@ -55,8 +58,9 @@ def _ends_a_residual_branch(key: str, shapes: dict) -> bool:
     return bool(match) and f"{match[1]}.bn{int(match[2]) + 1}.weight" not in shapes
 
 
-def seeded_images(name: str) -> np.ndarray:
-    """[BATCH, 3, R, R] float64 images (NCHW, as torch takes them), normalised-like."""
-    rng = np.random.default_rng([SEED, zlib.crc32(name.encode()), 1])
-    size = resolution(name)
-    return rng.normal(0.0, 1.0, (BATCH, 3, size, size))
+def seeded_images(name: str, train: bool = False) -> np.ndarray:
+    """[BATCH, 3, R, R] float64 images (NCHW, as torch takes them), normalised-like; for
+    train mode, [TRAIN_BATCH, 3, TRAIN_RESOLUTION, TRAIN_RESOLUTION]."""
+    rng = np.random.default_rng([SEED, zlib.crc32(name.encode()), 2 if train else 1])
+    batch, size = (TRAIN_BATCH, TRAIN_RESOLUTION) if train else (BATCH, resolution(name))
+    return rng.normal(0.0, 1.0, (batch, 3, size, size))

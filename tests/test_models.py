@@ -1,4 +1,5 @@
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -74,3 +75,26 @@ def test_stablehlo_macs_follow_calls_into_functions():
 
     text = jax.jit(twice).lower(jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)).as_text()
     assert summary.stablehlo_macs(text) == 2 * (8 * 8 * 8) * (3 * 3 * 4)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_batchnorm_running_variance_biased_or_unbiased_as_torch(unbiased):
+    from imagenet_jax.models.layers import BatchNorm, set_batchnorm_groups
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 3, 5)).astype(np.float32)
+    norm = set_batchnorm_groups(BatchNorm(5, momentum=0.9, rngs=nnx.Rngs(0)), 1, unbiased)
+    y = norm(jnp.asarray(x))
+    n = 4 * 3 * 3
+    variance = x.reshape(n, 5).var(axis=0, ddof=1 if unbiased else 0)
+    np.testing.assert_allclose(norm.var[...], 0.9 + 0.1 * variance, rtol=1e-5)
+    np.testing.assert_allclose(norm.mean[...], 0.1 * x.reshape(n, 5).mean(axis=0), rtol=1e-5)
+    # The normalisation uses the batch's own (biased) variance either way, as torch does.
+    np.testing.assert_allclose(np.asarray(y).reshape(n, 5).std(axis=0), 1.0, rtol=1e-3)
+
+
+def test_an_option_the_model_does_not_take_is_named_with_those_it_does():
+    with pytest.raises(ValueError, match="'googlenet' takes no option 'init_weights'; its "
+                                         "options: aux_logits, transform_input, dropout"):
+        models.create("googlenet", num_classes=10, rngs=nnx.Rngs(0), init_weights=True)
+    assert "zero_init_residual" in models.options_of("resnet50")
+    assert "base_width" not in models.options_of("wide_resnet50_2")  # fixed by the variant

@@ -22,6 +22,8 @@ Evaluation (`use_running_average`) is the same for every G.
 
 from __future__ import annotations
 
+import math
+
 import jax
 from flax import nnx
 
@@ -33,17 +35,23 @@ from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _norma
 class BatchNorm(nnx.BatchNorm):
     """`nnx.BatchNorm` whose training statistics cover `num_groups` blocks of the batch apart."""
 
-    def __init__(self, num_features: int, *, num_groups: int = 1, **kwargs):
+    def __init__(self, num_features: int, *, num_groups: int = 1,
+                 unbiased_running_var: bool = False, **kwargs):
         super().__init__(num_features, **kwargs)
         self.num_groups = num_groups
+        # The running variance moves toward the batch variance times n / (n - 1) (n values
+        # per feature), as torch's BatchNorm does; flax's uses the biased variance. The
+        # normalisation itself is the same either way.
+        self.unbiased_running_var = unbiased_running_var
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
         running = self.use_running_average if use_running_average is None else use_running_average
-        if running or self.num_groups == 1:
+        if running or (self.num_groups == 1 and not self.unbiased_running_var):
             return super().__call__(x, use_running_average, mask=mask)
         if mask is not None:
-            raise ValueError("BatchNorm with num_groups > 1 does not take a mask")
+            raise ValueError("BatchNorm with num_groups > 1 or unbiased_running_var does not "
+                             "take a mask")
         return self._grouped(x)
 
     def _grouped(self, x: jax.Array) -> jax.Array:
@@ -62,7 +70,11 @@ class BatchNorm(nnx.BatchNorm):
             (grouped, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
         mean, var = _compute_stats(grouped, reduction_axes, dtype=self.dtype,
                                    use_fast_variance=self.use_fast_variance)
-        self._update_running_averages(mean.mean(axis=0), var.mean(axis=0))
+        running_var = var.mean(axis=0)
+        if self.unbiased_running_var:
+            count = math.prod(grouped.shape[a] for a in reduction_axes)
+            running_var = running_var * (count / max(count - 1, 1))
+        self._update_running_averages(mean.mean(axis=0), running_var)
         y = _normalize(grouped, mean, var, scale, bias, reduction_axes, feature_axes,
                        self.dtype, self.epsilon)
         return y.reshape(x.shape)
@@ -83,8 +95,10 @@ def batchnorm_groups(group_size: int, num_batch_devices: int) -> int:
     return num_batch_devices // group_size
 
 
-def set_batchnorm_groups(model: nnx.Module, num_groups: int) -> nnx.Module:
-    """Sets `num_groups` on every BatchNorm of `model` (in place) and returns it.
+def set_batchnorm_groups(model: nnx.Module, num_groups: int,
+                         unbiased_running_var: bool = False) -> nnx.Module:
+    """Sets `num_groups` (and `unbiased_running_var`) on every BatchNorm of `model` (in
+    place) and returns it.
 
     A model still built on plain `nnx.BatchNorm` cannot group its statistics: with
     num_groups > 1 that is an error, not a silent fall-back to global statistics.
@@ -92,7 +106,8 @@ def set_batchnorm_groups(model: nnx.Module, num_groups: int) -> nnx.Module:
     for path, module in nnx.iter_modules(model):
         if isinstance(module, BatchNorm):
             module.num_groups = num_groups
-        elif isinstance(module, nnx.BatchNorm) and num_groups > 1:
+            module.unbiased_running_var = unbiased_running_var
+        elif isinstance(module, nnx.BatchNorm) and (num_groups > 1 or unbiased_running_var):
             raise TypeError(f"{'/'.join(map(str, path))} is an nnx.BatchNorm; use "
                             "imagenet_jax.models.layers.BatchNorm to group its statistics")
     return model

@@ -1,9 +1,11 @@
 """ResNet (He et al. 2015) in Flax NNX: v1.5 by default; v1, ResNet-D, Wide and ResNeXt options.
 
-Layout: NHWC activations, HWIO kernels. Layer names follow torchvision's
-(`conv1`, `bn1`, `layer1..4[i].conv1/bn1/...`, `downsample`, `fc`) so that
-pretrained weights map one to one; a torchvision OIHW kernel is HWIO here after
-`transpose(2, 3, 1, 0)`, and `fc.weight` is `fc.kernel.T`.
+Layout: NHWC activations, HWIO kernels. Each conv and its BatchNorm are one `ConvBN`
+module, so the names differ from torchvision's: `stem[0].conv/.bn` is `conv1`/`bn1`,
+`stages[i][j].convK.conv/.bn` is `layer{i+1}.{j}.convK`/`.bnK`, `downsample.proj.conv/.bn`
+is `downsample.0`/`.1`, `fc` is `fc`. imagenet_jax/weights.py maps them in code (and
+the layouts: an OIHW kernel is HWIO here after `transpose(2, 3, 1, 0)`, `fc.weight` is
+`fc.kernel.T`); the names stay, so checkpoints written so far still restore.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
         model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
                               rngs=rngs, **config.model_options)
-        return set_batchnorm_groups(model, bn_groups)
+        return set_batchnorm_groups(model, bn_groups, config.batchnorm_unbiased_var)
 
     graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
                                          dynamic_loss_scale=dtype == jnp.float16,
