@@ -262,7 +262,7 @@ def import_weights(argv: list[str]) -> None:
               "[--config=FILE] [--config.FIELD=VALUE ...]")
     _join_job()
     from imagenet_jax import models
-    from imagenet_jax.config import ConfigError, base_config
+    from imagenet_jax.config import ConfigError, base_config, set_field
     from imagenet_jax.weights import WeightsError, import_to_workdir
 
     explicit = any(a == "--config" or a.startswith("--config=") for a in sys.argv)
@@ -272,7 +272,7 @@ def import_weights(argv: list[str]) -> None:
         if not explicit:
             config.image_size = models.get_spec(FLAGS.model).resolution
         for name, value in overrides.items():
-            _set_field(config, name, value)
+            set_field(config, name, value)
         # A dataset named on the command line is opened (its classes must match the
         # weights'); otherwise none is needed: ImageNet's classes for 1,000-class weights.
         named = explicit or "dataset" in overrides
@@ -329,13 +329,6 @@ def predict(argv: list[str]) -> None:
                     print(f"  {c['probability']:7.2%}  {c['name']} ({c['class']})")
     if any("error" in item for item in result["predictions"]):
         sys.exit(1)
-
-
-def _set_field(config, name: str, value) -> None:
-    parent, _, field = name.rpartition(".")
-    for part in filter(None, parent.split(".")):
-        config = config[part]
-    config[field] = value
 
 
 def _config_overrides(argv: list[str]) -> dict:

@@ -119,6 +119,14 @@ def config_from_json(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def set_field(config: ml_collections.ConfigDict, name: str, value) -> None:
+    """Sets field `name` ('image_size', or dotted: 'mesh.data') of `config`."""
+    parent, _, field = name.rpartition(".")
+    for part in filter(None, parent.split(".")):
+        config = config[part]
+    config[field] = value
+
+
 def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 

@@ -19,7 +19,14 @@ from jax.sharding import Mesh
 
 from imagenet_jax import models, storage
 from imagenet_jax.checkpoint import Checkpointer
-from imagenet_jax.config import ConfigError, Derived, config_from_json, derive, validate
+from imagenet_jax.config import (
+    ConfigError,
+    Derived,
+    config_from_json,
+    derive,
+    set_field,
+    validate,
+)
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.state import TrainState
@@ -48,11 +55,7 @@ def load_config(workdir, overrides: dict[str, Any] | None = None
                           "first, or give the --workdir of a run)") from None
     config = config_from_json(saved["config"])
     for name, value in (overrides or {}).items():
-        parent, _, field = name.rpartition(".")
-        target = config
-        for part in filter(None, parent.split(".")):
-            target = target[part]
-        target[field] = value
+        set_field(config, name, value)
     validate(config, model_names=models.names(), num_devices=jax.device_count(),
              num_processes=jax.process_count())
     return config, saved

@@ -23,6 +23,7 @@ from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation import metrics, report
 from imagenet_jax.evaluation.predictions import Predictions, predict
 from imagenet_jax.evaluation.sets import EvalSet, open_set, unknown_labels
+from imagenet_jax.train.loop import report_skipped
 
 WORST_CLASSES = 10
 
@@ -53,11 +54,7 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
         batches = data_input.eval_batches(eval_set.source, config, mesh)
         predictions = predict(run.eval_step, state, batches, eval_set.class_map)
         unknown_labels(eval_set, predictions.label)
-        skipped = batches.take_report()
-        if skipped:
-            logging.warning("%s: skipped %d unreadable image(s) on process %d (not counted):"
-                            "\n  %s", eval_set.name, len(skipped), jax.process_index(),
-                            "\n  ".join(skipped.values()))
+        report_skipped(batches.take_report(), f"{eval_set.name} (not counted)")
         results.append(score(eval_set, predictions, model_classes, heights))
     compare_to_reference(results)
     result = {"step": step, "workdir": os.fspath(workdir), "sets": results}
