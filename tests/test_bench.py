@@ -171,9 +171,10 @@ def test_profile_window_is_what_the_run_has_left(tmp_path):
 
 def test_bench_train_on_synthetic_data_runs_without_tensorflow():
     """The GPU check runs on machines that have JAX and its libraries but no TensorFlow
-    (the input pipeline's library): nothing on that path may import it."""
+    (the input pipeline's library) and no dataset: nothing on that path may import it,
+    and a config naming ImageNet still times its step, on ImageNet's shape."""
     argv = ["imagenet-jax", "bench", "train", "--config=configs/demo.py",
-            "--config.dataset=synthetic:classes=10", "--config.batch_size=8",
+            "--config.dataset=tfds:imagenet2012", "--config.batch_size=8",
             "--config.mesh.data=1", "--steps=2", "--warmup_steps=1", "--json"]
     code = ("import sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None); "
             f"sys.argv = {argv!r}; from imagenet_jax.cli import run; run()")
@@ -182,3 +183,4 @@ def test_bench_train_on_synthetic_data_runs_without_tensorflow():
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["mode"] == "synthetic" and row["images_per_sec"] > 0
+    assert row["dataset"] == "synthetic" and "cannot be opened here" in result.stderr

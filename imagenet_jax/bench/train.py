@@ -53,14 +53,15 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
 
     Args:
       config: a trainer config; it is validated and its dataset opened as for training
-        (synthetic mode reads the number of classes from it).
+        (synthetic mode reads the number of classes from it, or, when the dataset cannot
+        be opened here, times ImageNet's shape: `plan`).
       mode: "synthetic" or "pipeline".
       warmup_steps: untimed steps run after compilation, before the timed ones.
       steps: timed steps; the step time is their median.
       matmul_size: side of the square matmul timed for `matmul_tflops`; default by platform.
     """
     check_arguments(mode, warmup_steps, steps)
-    source, derived = recipe.plan(config)
+    config, (source, derived) = plan(config, mode)
     mesh = mesh_from_shape(derived.mesh_shape)
     run = recipe.build(config, derived, mesh)
     batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
@@ -100,6 +101,28 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     if mode == "pipeline":
         result.update(input_figures(input_seconds, step_seconds))
     return result
+
+
+def plan(config: ml_collections.ConfigDict, mode: str
+         ) -> tuple[ml_collections.ConfigDict, tuple[sources.Source, Derived]]:
+    """`recipe.plan(config)`; in synthetic mode, where no example is read, a dataset that
+    cannot be opened here (ImageNet on another machine, TensorFlow not installed) gives
+    way to `synthetic`, ImageNet's shape (1,000 classes), with a warning."""
+    try:
+        return config, recipe.plan(config)
+    except (ConfigError, ImportError) as e:
+        dataset_error = isinstance(e, ImportError) or str(e).startswith("dataset ")
+        if mode != "synthetic" or not dataset_error:
+            raise
+        from absl import logging
+
+        logging.warning("bench train: dataset %r cannot be opened here (%s); synthetic mode "
+                        "reads no example: timing with dataset 'synthetic' (ImageNet's shape, "
+                        "1,000 classes) instead.", config.dataset, str(e)[:200])
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.dataset = "synthetic"
+        return config, recipe.plan(config)
 
 
 def check_arguments(mode: str, warmup_steps: int, steps: int) -> None:
@@ -295,6 +318,7 @@ def describe_run(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh
     device = mesh.devices.flat[0]
     return {
         "model": config.model,
+        "dataset": config.dataset,
         "image_size": config.image_size,
         "global_batch_size": config.batch_size,
         "dtype": derived.compute_dtype,
