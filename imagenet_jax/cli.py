@@ -24,6 +24,10 @@
       The top classes of each image, with probabilities and WordNet names, through the
       run's eval transform. An unreadable file is one line naming it; the others are still
       predicted, and the exit status is then 1.
+  imagenet-jax plot WORKDIR [WORKDIR ...] [--out=FILE.png]
+      Loss, top-1/top-5 (train and val) and the learning rate against steps, and loss and
+      top-1 against time, of each run's metrics.jsonl, several runs overlaid with their
+      names. Default --out: the first WORKDIR's curves.png.
   imagenet-jax models [--json]
       The registered models: parameters (1000 classes), forward GMACs of one image at
       the native resolution, native resolution. --json prints a JSON list instead.
@@ -104,7 +108,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", None, "import: the torchvision architecture, e.g. resnet50.")
     flags.DEFINE_string("weights", None, "import: torchvision weights, .safetensors (or "
                         ".pth/.pt with torch installed).")
-    flags.DEFINE_string("out", None, "export: the .safetensors file to write.")
+    flags.DEFINE_string("out", None, "export: the .safetensors file to write. plot: the PNG "
+                        "(default: the first WORKDIR's curves.png).")
     flags.DEFINE_integer("top", 5, "predict: classes shown per image.")
     flags.DEFINE_list("eval", None, "eval: the evaluation sets, comma-separated, e.g. "
                       "tfds:imagenet2012,tfds:imagenet_v2/matched-frequency. Default: the "
@@ -331,6 +336,22 @@ def predict(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def plot(argv: list[str]) -> None:
+    workdirs = argv[1:]
+    if not workdirs:
+        _fail("usage: imagenet-jax plot WORKDIR [WORKDIR ...] [--out=FILE.png]")
+    from imagenet_jax import storage
+    from imagenet_jax.plot import plot_runs
+
+    out = FLAGS.out or str(storage.as_path(workdirs[0]) / "curves.png")
+    try:
+        result = plot_runs(workdirs, out)
+    except ValueError as e:
+        _fail(str(e))
+    runs = ", ".join(f"{name} ({count} records)" for name, count in result["runs"].items())
+    print(f"Wrote {result['out']}: {runs}")
+
+
 def _config_overrides(argv: list[str]) -> dict:
     """{'FIELD': value} for each --config.FIELD=VALUE given, typed as config_flags parsed it."""
     names = [arg[len("--config."):].partition("=")[0] for arg in argv
@@ -422,7 +443,8 @@ def prepare(argv: list[str]) -> None:
 
 
 COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "import": import_weights,
-            "export": export_weights, "models": list_models, "bench": bench, "prepare": prepare}
+            "export": export_weights, "plot": plot, "models": list_models, "bench": bench,
+            "prepare": prepare}
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):

@@ -1,8 +1,9 @@
 """Where metrics go: CLU writers (TensorBoard events and the console) and metrics.jsonl.
 
 `metrics.jsonl` holds one JSON object per logged record, e.g.
-`{"step": 400, "split": "val", "loss": 0.41, "top1": 0.93, "top5": 0.99, ...}`,
-so that any tool can read a run: `read_records(workdir)`. Only process 0 writes files.
+`{"step": 400, "split": "val", "loss": 0.41, "top1": 0.93, "top5": 0.99, ..., "time": 81.2}`
+(time: seconds the run had been running), so that any tool can read a run:
+`read_records(workdir)`, `imagenet-jax plot`. Only process 0 writes files.
 
 Object stores have no append, so the file is never appended to: process 0 keeps the
 run's records and replaces the whole file at each record, all at once (an upload, or a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 
 import jax
@@ -36,10 +38,14 @@ class MetricsLogger:
             os.fspath(workdir), just_logging=not events, asynchronous=True)
         self.path = workdir / METRICS_FILE
         self._lines: list[str] = []
+        # Each record's "time": seconds the run has been running, carried on by a resumed
+        # run from its last kept record (the time it was down is not counted).
+        self._started, self._time_before = time.monotonic(), 0.0
         if self.is_writer:
             records = read_records(workdir)
             kept = [r for r in records if r["step"] <= resume_step]
             self._lines = [json.dumps(r) + "\n" for r in kept]
+            self._time_before = max((r.get("time", 0.0) for r in kept), default=0.0)
             if len(kept) != len(records):  # a resumed run rewrites what came after
                 self._write(final=True)
 
@@ -47,7 +53,9 @@ class MetricsLogger:
         scalars = {k: v if isinstance(v, int) else float(np.asarray(v)) for k, v in metrics.items()}
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self.is_writer:
-            self._lines.append(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            seconds = round(self._time_before + time.monotonic() - self._started, 3)
+            record = {"step": step, "split": split, **scalars, "time": seconds}
+            self._lines.append(json.dumps(record) + "\n")
             self._write(final=False)
 
     def _write(self, final: bool) -> None:
