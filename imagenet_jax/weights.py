@@ -98,7 +98,7 @@ def load_torchvision(name: str, path: str | os.PathLike, *, dtype=jnp.float32,
     classifier = TORCHVISION_MODELS[name]
     if classifier not in tensors:
         raise WeightsError(f"{path} has no {classifier!r}: not a torchvision {name} state dict")
-    has_aux = any(k.startswith(AUX_PREFIXES.get(name, ("\0",))) for k in tensors)
+    has_aux = any(k.startswith(AUX_PREFIXES.get(name, ())) for k in tensors)
     if name in AUX_PREFIXES:
         options.setdefault("aux_logits", has_aux)
         options.setdefault("transform_input", True)

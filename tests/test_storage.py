@@ -68,7 +68,10 @@ def test_metrics_jsonl_on_gs_holds_each_record_once_after_a_resume(bucket):
     logger.close()
     records = read_records(workdir)
     assert [r["step"] for r in records] == list(range(1, 11))
-    assert records[-1] == {"step": 10, "split": "train", "loss": 0.1}
+    assert records[-1] == {"step": 10, "split": "train", "loss": 0.1,
+                           "time": records[-1]["time"]}
+    times = [r["time"] for r in records]
+    assert times == sorted(times)  # the resumed run went on from step 6's time
 
 
 def test_a_gs_workdir_is_probed_at_start(bucket):
