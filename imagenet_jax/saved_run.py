@@ -76,11 +76,13 @@ def class_names(config: ml_collections.ConfigDict, saved: dict) -> tuple[str, ..
 
 
 def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
-                   overrides: dict[str, Any] | None = None) -> SavedRun:
+                   overrides: dict[str, Any] | None = None,
+                   loaded: tuple[ml_collections.ConfigDict, dict] | None = None) -> SavedRun:
     """The run in `workdir` with checkpoint `step` (default: the latest) restored on this
-    machine's devices. ConfigError for no run, no checkpoint or an unknown step."""
+    machine's devices; `loaded`: what `load_config` already returned for it. ConfigError
+    for no run, no checkpoint or an unknown step."""
     workdir = storage.as_path(workdir)
-    config, saved = load_config(workdir, overrides)
+    config, saved = loaded or load_config(workdir, overrides)
     classes = class_names(config, saved)
     if not (workdir / "checkpoints").exists():
         raise ConfigError(f"{workdir} has no checkpoint ({workdir / 'checkpoints'} does not "

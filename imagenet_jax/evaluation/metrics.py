@@ -20,10 +20,15 @@ def correct_at_k(top_classes: np.ndarray, labels: np.ndarray, k: int) -> np.ndar
     return np.any(top_classes[:, :k] == labels[:, None], axis=1)
 
 
+def mean(values: np.ndarray) -> float:
+    """The mean in float64 (of accuracies' booleans, of NLLs), nan for no values."""
+    return float(np.mean(values, dtype=np.float64)) if len(values) else float("nan")
+
+
 def mean_nll(nll: np.ndarray) -> float:
     """Negative log-likelihood: the mean over examples of -log p(label | image), the
     softmax cross-entropy without label smoothing (the train loop's eval "loss")."""
-    return float(np.mean(nll, dtype=np.float64)) if len(nll) else float("nan")
+    return mean(nll)
 
 
 @dataclasses.dataclass(frozen=True)

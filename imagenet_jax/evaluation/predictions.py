@@ -37,8 +37,8 @@ class Predictions:
 
     def summary(self) -> dict[str, float | int]:
         """What the train loop logs at each evaluation: loss (the NLL), top-1, top-5."""
-        return {"loss": metrics.mean_nll(self.nll), "top1": _mean(self.correct(1)),
-                "top5": _mean(self.correct(5)), "num_examples": len(self)}
+        return {"loss": metrics.mean_nll(self.nll), "top1": metrics.mean(self.correct(1)),
+                "top5": metrics.mean(self.correct(5)), "num_examples": len(self)}
 
 
 def predict(eval_step: Callable, state, batches: Iterable[dict],
@@ -52,7 +52,3 @@ def predict(eval_step: Callable, state, batches: Iterable[dict],
     keep = merged.pop("mask").astype(bool)
     order = np.argsort(merged["index"][keep], kind="stable")
     return Predictions(**{key: value[keep][order] for key, value in merged.items()})
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")

@@ -44,7 +44,7 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     # The sets first: a wrong one is reported before the model is built.
     eval_sets = [open_set(spec, model_classes=model_classes, run_dataset=config.dataset,
                           data_dir=config.data_dir or None) for spec in specs]
-    restored = saved_run.load_saved_run(workdir, step=step, overrides=overrides)
+    restored = saved_run.load_saved_run(workdir, step=step, loaded=(config, saved))
     step, state, run, mesh = restored.step, restored.state, restored.run, restored.mesh
     logging.info("Evaluating step %d of %s on %s", step, workdir, ", ".join(specs))
 
@@ -77,8 +77,8 @@ def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str,
         "num_examples": len(predictions),
         "num_classes": len(eval_set.class_names),
         "restricted": eval_set.restricted,
-        "top1": _mean(correct),
-        "top5": _mean(predictions.correct(5)),
+        "top1": metrics.mean(correct),
+        "top5": metrics.mean(predictions.correct(5)),
         "nll": metrics.mean_nll(predictions.nll),
         "ece": ece,
         "mistake_severity": (None if heights is None else
@@ -97,8 +97,8 @@ def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str,
         real_top1, scored = metrics.real_correct(top, real, 1)
         real_top5, _ = metrics.real_correct(top, real, 5)
         result.update(original_top1=result["top1"], original_num_examples=len(predictions),
-                      num_examples=int(scored.sum()), top1=_mean(real_top1[scored]),
-                      top5=_mean(real_top5[scored]))
+                      num_examples=int(scored.sum()), top1=metrics.mean(real_top1[scored]),
+                      top5=metrics.mean(real_top5[scored]))
     return result
 
 
@@ -110,10 +110,6 @@ def compare_to_reference(results: list[dict]) -> None:
         if result["kind"] == "imagenet_v2" and reference is not None:
             result["reference"] = reference["name"]
             result["top1_drop"] = reference["top1"] - result["top1"]
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def _list(values: np.ndarray) -> list:
