@@ -3,8 +3,10 @@
 Recipe:    SGD, Nesterov momentum 0.9, lr 0.1 per 256 images scaled linearly with the
            batch, 5 warmup epochs then cosine to 0, 90 epochs, weight decay 1e-4 on
            kernels only, label smoothing 0.1, random-resized crop 224 + flip, eval
-           centre crop 224 of 256. Sources: He et al. 2015, "Deep Residual Learning";
-           Goyal et al. 2017, "Accurate, Large Minibatch SGD"; the Flax ImageNet example.
+           centre crop 224 of 256, BatchNorm statistics over groups of 32 examples
+           (Goyal et al.'s per-worker batch; `batchnorm_group_examples`). Sources: He et
+           al. 2015, "Deep Residual Learning"; Goyal et al. 2017, "Accurate, Large
+           Minibatch SGD"; the Flax ImageNet example.
            For the original step schedule: --config.lr_schedule=step (x0.1 at 30, 60, 80).
 Command:   imagenet-jax train --config=configs/resnet50.py --workdir=runs/resnet50 \
                --config.dataset=folder:/path/to/imagenet
@@ -28,6 +30,7 @@ def get_config():
     config.warmup_epochs = 5.0
     config.weight_decay = 1e-4
     config.label_smoothing = 0.1
+    config.batchnorm_group_examples = 32
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     return config

@@ -14,15 +14,16 @@ import re
 
 import ml_collections
 
-from imagenet_jax.data.spec import parse_dataset
+from imagenet_jax.data.spec import parse_dataset, parse_randaugment
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULES = ("cosine", "step", "exponential", "constant")
-OPTIMIZERS = ("sgd", "rmsprop")
+SCHEDULES = ("cosine", "step", "exponential", "poly", "constant")
+OPTIMIZERS = ("sgd", "rmsprop", "lars", "lamb", "adamw")
 ON_NONFINITE = ("stop", "skip")
 # The mesh axes, as parallel/mesh.py names them: the batch is split over both, parameters
 # over 'fsdp' only.
 MESH_AXES = ("data", "fsdp")
+DATA_AXIS = "data"
 
 
 class ConfigError(ValueError):
@@ -37,41 +38,76 @@ def base_config() -> ml_collections.ConfigDict:
     # 'demo', 'folder:/path', 'tfds:NAME' or 'synthetic' (see data/sources.py)
     c.dataset = "demo"
     c.data_dir = ""                  # TFDS data_dir for 'tfds:' datasets; '' = TFDS's default
-    c.image_size = 224               # train and eval resolution
+    c.image_size = 224               # train resolution (unless progressive_resize is on)
+    c.eval_image_size = 0            # eval resolution; 0 = image_size
+    # Progressive resizing (FFCV): the train resolution ramps linearly from start_size (up
+    # to start_epoch) to end_size (from end_epoch on), rounded to a multiple of `step`;
+    # each distinct size compiles the step once. start_size = 0: off.
+    c.progressive_resize = ml_collections.ConfigDict({
+        "start_size": 0, "end_size": 0, "start_epoch": 0.0, "end_epoch": 0.0, "step": 32})
     c.batch_size = 256               # global, over all devices and processes
     c.eval_batch_size = 256          # global; the last batch is padded and masked
     c.num_epochs = 90.0
     c.seed = 0
 
-    c.optimizer = "sgd"              # 'sgd' or 'rmsprop'
+    c.optimizer = "sgd"              # 'sgd', 'rmsprop', 'lars', 'lamb' or 'adamw'
     c.learning_rate = 0.1            # per 256 examples: scaled by batch_size / 256
-    c.momentum = 0.9
-    c.nesterov = True                # sgd only
+    c.momentum = 0.9                 # sgd, rmsprop and lars
+    c.nesterov = True                # sgd and lars
     c.rmsprop_decay = 0.9            # rmsprop only: decay of the squared-gradient average
     c.rmsprop_epsilon = 1.0          # rmsprop only: Inception-v3 uses 1.0
+    c.lars_trust_coefficient = 0.001  # lars only: eta of You et al. (2017)
+    c.adam_b1 = 0.9                  # lamb and adamw
+    c.adam_b2 = 0.999                # lamb and adamw
+    c.adam_epsilon = 1e-6            # lamb and adamw
     c.grad_clip_norm = 0.0           # clip the global gradient norm to this; 0 = off
-    c.weight_decay = 1e-4            # on conv and dense kernels only, not BN or biases
+    # On conv and dense kernels only, never BN or biases (nor do lars and lamb scale those
+    # by a trust ratio). sgd and rmsprop add it to the gradient (L2, as PyTorch's SGD);
+    # lars and lamb to the update before the trust ratio; adamw decouples it (x lr).
+    c.weight_decay = 1e-4
+    # Exponential moving average of the weights (and BatchNorm statistics), updated every
+    # step; 0 = off. When on, each evaluation also scores the EMA weights ('val_ema').
+    c.ema_decay = 0.0
     c.label_smoothing = 0.1
-    c.lr_schedule = "cosine"         # 'cosine', 'step', 'exponential' or 'constant', after warmup
+    c.lr_schedule = "cosine"         # 'cosine', 'step', 'exponential', 'poly' or 'constant',
+    #                                  after warmup
     c.warmup_epochs = 5.0
     c.lr_decay_epochs = (30, 60, 80)  # 'step': multiply by lr_decay_factor at each epoch here
     c.lr_decay_every_epochs = 2.0    # 'exponential': multiply by lr_decay_factor this often
     c.lr_decay_factor = 0.1
+    c.lr_poly_power = 2.0            # 'poly': (1 - t)^power from the peak to lr_poly_end (MLPerf)
+    c.lr_poly_end = 1e-4             # 'poly': the final learning rate (absolute, not scaled)
+    # Stop at the first evaluation whose top-1 reaches this (0 = train to the end), and log
+    # the time-to-accuracy, steps and seconds, to metrics.jsonl ('target').
+    c.target_top1 = 0.0
 
     c.crop_scale = (0.08, 1.0)       # random-resized-crop area fraction
     c.crop_aspect_ratio = (3 / 4, 4 / 3)
     c.eval_crop_ratio = 0.875        # centre crop of this fraction of the short side
+    # RandAugment (Cubuk et al. 2019) on the host: "N,M" = N ops of magnitude M (0-30); "" = off.
+    c.randaugment = ""
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on the device, one Beta(alpha,
+    # alpha) draw per batch mixing it with its reverse; both > 0: either, with even odds.
+    # 0 = off. Train top-1 then counts the label with the larger share.
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
 
     # Devices along each mesh axis ('data', 'fsdp'); -1 takes every device not used by the
     # other axes. The batch is split over both; parameters over 'fsdp' only (ZeRO-3 style).
     # A smaller mesh runs on the first devices only (1 process).
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    # dcn_data: slices (or host groups) the data axis spans over the data-centre network;
+    # the mesh's data axis is then dcn_data x data, laid out by the devices' topology.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
     c.fsdp_min_size = 2**18          # params with fewer elements stay replicated under fsdp
     # Overrides of the fsdp rule, first match wins: (regex searched in the '/'-joined param
     # path, spec) pairs, spec one entry per dim: an axis name, a tuple of them, or None.
     # E.g. (("fc/kernel$", (None, "fsdp")),); (("conv", ()),) replicates every conv.
     c.sharding_rules = ()
-    c.batchnorm_group_size = 0       # BN statistics over groups of N batch devices; 0 = global
+    # BatchNorm statistics over groups of this many consecutive examples of the global batch
+    # (Goyal et al.: 32); 0 (or a batch no larger) = the whole batch. Independent of the
+    # device count: 1 and 8 devices compute the same numbers. The running variance is the
+    # whole batch's.
+    c.batchnorm_group_examples = 0
     # BN running variance from the unbiased batch variance (x n/(n-1)), as torch does:
     # for fine-tuning torchvision weights exactly as torchvision would.
     c.batchnorm_unbiased_var = False
@@ -101,17 +137,29 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields older versions wrote that no longer exist, and why reading them back may drop them:
+# config_from_json serves evaluation, prediction and export, which they do not affect.
+RETIRED_FIELDS = {
+    # BatchNorm groups of N devices, replaced by batchnorm_group_examples (device-count
+    # independent); training statistics only.
+    "batchnorm_group_size",
+}
+
+
 def config_from_json(values: dict) -> ml_collections.ConfigDict:
     """A run's config again from the "config" of its WORKDIR/config.json: the fields JSON
     turned into lists become tuples again where the base config has tuples."""
     config = base_config()
     for name, value in values.items():
+        if name in RETIRED_FIELDS:
+            continue
         if name not in config:
             raise ConfigError(f"config.json has an unknown field {name!r} (written by another "
                               "version of imagenet_jax?)")
         default = config[name]
         if isinstance(default, ml_collections.ConfigDict):
-            config[name] = ml_collections.ConfigDict(value)
+            # Merged into the defaults: a field added since (mesh.dcn_data) keeps its default.
+            config[name] = ml_collections.ConfigDict({**default.to_dict(), **value})
         elif isinstance(default, tuple):
             config[name] = _as_tuples(value)
         else:
@@ -145,30 +193,40 @@ class Derived:
     peak_learning_rate: float
     num_devices: int            # in the mesh
     num_processes: int
-    mesh_shape: dict
+    mesh_shape: dict            # axis sizes; 'data' spans all dcn_data slices
     compute_dtype: str          # config.dtype with 'auto' resolved for the platform
+    dcn_data: int = 1           # slices (or host groups) the data axis spans
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Resolves config.mesh's -1 against `num_devices`; raises ConfigError if it cannot fit."""
-    sizes = dict(config.mesh)
+    """The mesh's axis sizes {'data', 'fsdp'} from config.mesh, its -1 resolved against
+    `num_devices`; 'data' spans all dcn_data slices. Raises ConfigError if it cannot fit."""
+    sizes = {axis: size for axis, size in config.mesh.items() if axis != "dcn_data"}
+    dcn_data = config.mesh.get("dcn_data", 1)
     bad_names = [axis for axis in sizes if axis not in MESH_AXES]
     if bad_names:
         raise ConfigError(f"mesh {sizes}: unknown axis {bad_names[0]!r}; valid axes: "
-                          f"{', '.join(MESH_AXES)}")
+                          f"{', '.join(MESH_AXES)} and dcn_data")
+    if not isinstance(dcn_data, int) or dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data must be a positive integer, got {dcn_data!r}")
     unknown = [axis for axis, size in sizes.items() if size == -1]
     if len(unknown) > 1:
         raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
     if any(size == 0 or size < -1 for size in sizes.values()):
         raise ConfigError(f"mesh {sizes}: sizes must be positive or -1")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
+    fixed = math.prod(size for size in sizes.values() if size != -1) * dcn_data
     if unknown:
         if num_devices % fixed:
-            raise ConfigError(f"mesh {sizes}: {num_devices} devices do not divide by {fixed}")
+            raise ConfigError(f"mesh {sizes} over dcn_data={dcn_data} slices: {num_devices} "
+                              f"devices do not divide by {fixed}")
         sizes[unknown[0]] = num_devices // fixed
+    sizes[DATA_AXIS] = sizes.get(DATA_AXIS, 1) * dcn_data
     if math.prod(sizes.values()) > num_devices:
         raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; "
                           f"{num_devices} are available")
+    if dcn_data > 1 and math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh {sizes} with dcn_data={dcn_data} must span all "
+                          f"{num_devices} devices")
     return sizes
 
 
@@ -228,27 +286,90 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
           f"profile_num_steps must be >= 0, got {config.profile_num_steps}")
     check(isinstance(config.batchnorm_unbiased_var, bool),
           f"batchnorm_unbiased_var must be true or false, got {config.batchnorm_unbiased_var!r}")
+    validate_recipe(config)
     validate_sharding(config, shape)
 
 
+def validate_recipe(config: ml_collections.ConfigDict) -> None:
+    """The large-batch recipe's fields: EMA, augmentation, resolution, BN groups, target."""
+    def check(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    check(0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1) (0 = off), got "
+          f"{config.ema_decay}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        check(config[name] >= 0, f"{name} must be >= 0 (0 = off), got {config[name]}")
+    check(0 <= config.target_top1 <= 1,
+          f"target_top1 must be in [0, 1] (0 = off), got {config.target_top1}")
+    check(config.eval_image_size >= 0,
+          f"eval_image_size must be >= 0 (0 = image_size), got {config.eval_image_size}")
+    check(config.lr_poly_power > 0, f"lr_poly_power must be positive, got {config.lr_poly_power}")
+    check(config.lr_poly_end >= 0, f"lr_poly_end must be >= 0, got {config.lr_poly_end}")
+    check(config.lars_trust_coefficient > 0,
+          f"lars_trust_coefficient must be positive, got {config.lars_trust_coefficient}")
+    check(0 <= config.adam_b1 < 1 and 0 <= config.adam_b2 < 1,
+          f"adam_b1 and adam_b2 must be in [0, 1), got {config.adam_b1}, {config.adam_b2}")
+    check(config.adam_epsilon > 0, f"adam_epsilon must be positive, got {config.adam_epsilon}")
+    try:
+        parse_randaugment(config.randaugment)
+    except ValueError as e:
+        raise ConfigError(f"randaugment: {e}") from None
+    group = config.batchnorm_group_examples
+    check(isinstance(group, int) and group >= 0
+          and (group == 0 or config.batch_size <= group or config.batch_size % group == 0),
+          f"batchnorm_group_examples={group!r} must be 0 (the whole batch) or divide "
+          f"batch_size={config.batch_size} (a batch no larger than a group is one group)")
+    validate_progressive_resize(config.progressive_resize)
+
+
+def validate_progressive_resize(schedule: ml_collections.ConfigDict) -> None:
+    if not schedule.start_size:
+        return
+    form = (f"progressive_resize {schedule.to_dict()}: needs 0 < start_size <= end_size, "
+            "0 <= start_epoch <= end_epoch and step >= 1 (start_size = 0: off)")
+    if not (0 < schedule.start_size <= schedule.end_size and schedule.step >= 1
+            and 0 <= schedule.start_epoch <= schedule.end_epoch):
+        raise ConfigError(form)
+
+
+def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
+    """The training resolution of `epoch` (0-based): image_size, or FFCV's progressive
+    schedule: start_size until start_epoch, end_size from end_epoch, in between the linear
+    ramp rounded to a multiple of `step`."""
+    schedule = config.progressive_resize
+    if not schedule.start_size:
+        return config.image_size
+    if epoch <= schedule.start_epoch:
+        return schedule.start_size
+    if epoch >= schedule.end_epoch:
+        return schedule.end_size
+    fraction = (epoch - schedule.start_epoch) / (schedule.end_epoch - schedule.start_epoch)
+    size = schedule.start_size + fraction * (schedule.end_size - schedule.start_size)
+    return int(round(size / schedule.step)) * schedule.step
+
+
+def train_image_sizes(config: ml_collections.ConfigDict, num_epochs: int) -> tuple[int, ...]:
+    """train_image_size of epochs 0 .. num_epochs - 1 (a run's last, partial epoch included)."""
+    return tuple(train_image_size(config, epoch) for epoch in range(num_epochs))
+
+
+def eval_image_size(config: ml_collections.ConfigDict) -> int:
+    return config.eval_image_size or config.image_size
+
+
 def validate_sharding(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
-    """fsdp_min_size, sharding_rules and batchnorm_group_size against the resolved mesh.
+    """fsdp_min_size and sharding_rules against the resolved mesh.
 
     Whether a rule's spec fits its parameters' shapes is checked when the state is built
     (parallel/sharding.py), where the shapes are known.
     """
-    mesh_devices = math.prod(shape.values())
+    del shape  # the rules' specs are checked against it with the parameters' shapes
     size = config.fsdp_min_size
     if not isinstance(size, int) or size < 0:
         raise ConfigError(f"fsdp_min_size must be a non-negative integer, got {size!r}")
     for rule in config.sharding_rules:
         validate_sharding_rule(rule)
-    group = config.batchnorm_group_size
-    if not isinstance(group, int) or group < 0 or (group and mesh_devices % group):
-        divisors = [n for n in range(1, mesh_devices + 1) if mesh_devices % n == 0]
-        raise ConfigError(
-            f"batchnorm_group_size={group!r} must be 0 (global statistics) or divide the "
-            f"{mesh_devices} devices of mesh {shape}: one of {divisors}")
 
 
 def validate_sharding_rule(rule) -> None:
@@ -297,4 +418,5 @@ def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_exa
         num_processes=num_processes,
         mesh_shape=shape,
         compute_dtype=compute_dtype(config.dtype, platform),
+        dcn_data=config.mesh.get("dcn_data", 1),
     )

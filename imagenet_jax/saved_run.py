@@ -100,7 +100,7 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
             raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
                               f"{', '.join(map(str, sorted(steps)))}")
         derived = _derive(config, saved, len(classes))
-        mesh = mesh_from_shape(derived.mesh_shape)
+        mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
         run = recipe.build(config, derived, mesh)
         state = checkpointer.restore(step, run.state)
     finally:

@@ -293,7 +293,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
                          num_eval_examples=0, num_devices=jax.device_count(),
                          num_processes=jax.process_count(), platform=jax.devices()[0].platform)
     loop.check_writable(workdir)
-    mesh = mesh_from_shape(derived.mesh_shape)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = recipe.build(config, derived, mesh)
     _, params, model_state = split_model(model)
     state = run.state.replace(

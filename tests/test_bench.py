@@ -139,20 +139,23 @@ def test_bad_arguments_fail_before_anything_runs(tiny_dataset, kwargs, message):
 
 
 def test_train_loop_compiles_each_step_once(tiny_dataset, tmp_path):
-    """Interleaved evals, logs and a profile must not recompile the train or eval step.
+    """Interleaved evals, logs and a profile must not recompile the train or eval step;
+    progressive resizing compiles the train step once per size.
 
-    400 train examples at batch 32: 12 steps an epoch, 24 in all, an eval every 6
-    steps (the last eval batch padded: 70 examples at 16), a log every 3, step 6 traced
-    by the profiler.
+    400 train examples at batch 32: 12 steps an epoch, 24 in all (epoch 0 at 12 px,
+    epoch 1 at 16), an eval every 6 steps (always at 16 px; the last eval batch padded:
+    70 examples at 16), a log every 3, step 6 traced by the profiler.
     """
     config = tiny_config(tiny_dataset, num_epochs=2.0, eval_every_epochs=0.5,
                          log_every_steps=3, checkpoint_every_steps=100,
                          profile_start_step=6, profile_num_steps=1)
+    config.progressive_resize.update(start_size=12, end_size=16, start_epoch=0.0,
+                                     end_epoch=1.0, step=4)
     config.mesh.data = 1  # a trace of 8 fake devices costs ~9 s more on 2 cores
     with count_compilations() as counts:
         result = loop.train_and_evaluate(config, tmp_path / "run")
     assert result["step"] == 24 and result["num_examples"] == 70
-    assert counts["train_step"] == 1, dict(counts)
+    assert counts["train_step"] == 2, dict(counts)  # 12 px and 16 px
     assert counts["eval_step"] == 1, dict(counts)
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1, traces

@@ -135,8 +135,8 @@ def _forward_fn(run, mesh):
                                           batch_sharding(mesh)))
 
 
-def _forward(tiny_dataset, group_size):
-    config = _config(tiny_dataset, data=8, fsdp=1, batchnorm_group_size=group_size)
+def _forward(tiny_dataset, group_examples, data=8):
+    config = _config(tiny_dataset, data=data, fsdp=1, batchnorm_group_examples=group_examples)
     run, batch, mesh = _build(config)
     forward = _forward_fn(run, mesh)
     args = (run.state.params, run.state.model_state, batch["image"])
@@ -144,14 +144,18 @@ def _forward(tiny_dataset, group_size):
 
 
 def test_per_device_batchnorm_needs_no_collective_in_the_forward_pass(tiny_dataset):
-    per_device_hlo, per_device_logits = _forward(tiny_dataset, group_size=1)
-    global_hlo, global_logits = _forward(tiny_dataset, group_size=0)
+    # 32 examples over 8 devices: groups of 4 are each one device's examples.
+    per_device_hlo, per_device_logits = _forward(tiny_dataset, group_examples=4)
+    global_hlo, global_logits = _forward(tiny_dataset, group_examples=0)
     assert len(hlo.collectives(global_hlo)["all-reduce"]) >= 1
     assert hlo.collectives(per_device_hlo)["all-reduce"] == []
     assert not np.allclose(per_device_logits, global_logits, rtol=1e-3), \
         "per-device statistics differ from global ones on random data"
-    whole_hlo, whole_logits = _forward(tiny_dataset, group_size=8)  # one group of 8: global
+    whole_hlo, whole_logits = _forward(tiny_dataset, group_examples=32)  # one group: global
     np.testing.assert_allclose(whole_logits, global_logits, rtol=1e-6, atol=1e-6)
+    # Groups are examples, not devices: one device computes what the eight do.
+    _, one_device_logits = _forward(tiny_dataset, group_examples=4, data=1)
+    np.testing.assert_allclose(one_device_logits, per_device_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_batchnorm_is_batchnorm_of_each_group():
@@ -163,9 +167,13 @@ def test_grouped_batchnorm_is_batchnorm_of_each_group():
     expected = jnp.concatenate([bn(x[4 * i:4 * (i + 1)]) for i, bn in enumerate(halves)])
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(y, whole(x), atol=1e-3)
-    for name in ("mean", "var"):  # running averages move towards the mean over groups
-        mean_of_groups = (getattr(halves[0], name)[...] + getattr(halves[1], name)[...]) / 2
-        np.testing.assert_allclose(getattr(grouped, name)[...], mean_of_groups, rtol=1e-6)
+    # The running averages move towards the whole batch's statistics, the variance
+    # included (from the group moments, not the mean of the group variances).
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(getattr(grouped, name)[...], getattr(whole, name)[...],
+                                   rtol=1e-5)
+    mean_of_group_vars = (halves[0].var[...] + halves[1].var[...]) / 2
+    assert not np.allclose(grouped.var[...], mean_of_group_vars, rtol=1e-3)
     grouped.eval(), whole.eval()
     whole.mean[...], whole.var[...] = grouped.mean[...], grouped.var[...]
     np.testing.assert_allclose(grouped(x), whole(x), rtol=1e-6)  # eval is unchanged
@@ -211,7 +219,8 @@ def test_default_rule_and_overrides_on_parameter_paths():
 @pytest.mark.parametrize("field,value,message", [
     ("mesh", {"data": 2, "model": 4}, "unknown axis 'model'; valid axes: data, fsdp"),
     ("mesh", {"data": -1, "fsdp": -1}, "at most one axis may be -1"),
-    ("batchnorm_group_size", 3, r"must be 0 \(global statistics\) or divide the 8 devices"),
+    ("batchnorm_group_examples", 3, r"must be 0 \(the whole batch\) or divide batch_size=256"),
+    ("mesh", {"data": 2, "fsdp": 2, "dcn_data": 3}, "12 devices; 8 are available|do not divide"),
     ("fsdp_min_size", -1, "fsdp_min_size must be a non-negative integer"),
     ("sharding_rules", (("conv", ("model",)),), "valid axes: data, fsdp"),
     ("sharding_rules", (("(", ()),), "bad regex"),

@@ -82,7 +82,7 @@ def compiled_train_step(config: ml_collections.ConfigDict) -> tuple[str, int]:
     from imagenet_jax.train import recipe
 
     _, derived = recipe.plan(config)
-    mesh = mesh_from_shape(derived.mesh_shape)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = recipe.build(config, derived, mesh)
     batch = next(synthetic_batches(config, derived, mesh))
     param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(run.state.params))

@@ -22,6 +22,7 @@ a slow spell of a shared machine falls on both sides of a ratio alike.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -52,18 +53,16 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     if isinstance(source, synthetic.SyntheticSource):
         raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "
                           "on the devices; choose a folder:, tfds: or demo dataset")
-    mesh = mesh_from_shape(derived.mesh_shape)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     sharding = data_input.process_sharding(config.batch_size)
-    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
-                              tuple(config.crop_aspect_ratio))
+    spec = data_input.train_spec(config)
     examples = pipeline.train_examples(source, sharding, config.seed)
     indices = np.array([i for _, i in examples.take(batches * sharding.local_batch_size)
                         .as_numpy_iterator()])
     num_images = len(indices)
 
     def train_host() -> Iterator[dict]:
-        ds = pipeline.train_dataset(source, sharding, image_size=spec.image_size, seed=spec.seed,
-                                    crop_scale=spec.crop_scale, crop_ratio=spec.crop_ratio)
+        ds = pipeline.train_dataset(source, sharding, **dataclasses.asdict(spec))
         return ds.take(batches).as_numpy_iterator()
 
     def train_device() -> Iterator[dict]:

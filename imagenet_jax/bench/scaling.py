@@ -106,7 +106,7 @@ def measure_count(config: ml_collections.ConfigDict, num_devices: int, per_devic
     """Builds, compiles and times the train step on the first `num_devices` devices."""
     scaled = scaled_config(config, num_devices, per_device)
     _, derived = recipe.plan(scaled)
-    mesh = mesh_from_shape(derived.mesh_shape)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = recipe.build(scaled, derived, mesh)
     batches = synthetic_batches(scaled, derived, mesh)
     step_fn, compile_s = compile_step(run.train_step, run.state, next(batches))

@@ -62,7 +62,7 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     """
     check_arguments(mode, warmup_steps, steps)
     config, (source, derived) = plan(config, mode)
-    mesh = mesh_from_shape(derived.mesh_shape)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = recipe.build(config, derived, mesh)
     batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
                else pipeline_batches(config, source, mesh))

@@ -10,14 +10,17 @@ the devices. Either way the loop sees one iterator of global batches, and
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from imagenet_jax.config import eval_image_size, train_image_sizes
 from imagenet_jax.data import pipeline, synthetic
 from imagenet_jax.data.sources import Source
+from imagenet_jax.data.spec import parse_randaugment
 from imagenet_jax.parallel import make_global_batch, prefetch_to_device
 
 
@@ -48,14 +51,27 @@ def _to_devices(batches: Iterator[dict], mesh: Mesh, prefetch: int) -> Iterator[
     return prefetch_to_device(batches, prefetch, functools.partial(make_global_batch, mesh=mesh))
 
 
+def train_spec(config: ml_collections.ConfigDict) -> pipeline.TrainSpec:
+    """The train pipeline's parameters from `config`: crops, the resolution of each epoch
+    (progressive resizing), RandAugment."""
+    num_epochs = math.ceil(config.num_epochs)
+    return pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
+                              tuple(config.crop_aspect_ratio),
+                              image_sizes=train_image_sizes(config, num_epochs),
+                              randaugment=parse_randaugment(config.randaugment))
+
+
 def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
                   start_step: int = 0) -> DeviceBatches:
     """Endless global training batches from `start_step` on."""
+    steps_per_epoch = pipeline.steps_per_epoch(source, config.batch_size)
+    spec = train_spec(config)
     if isinstance(source, synthetic.SyntheticSource):
+        sizes = spec.image_sizes
         return DeviceBatches(synthetic.train_batches(
-            source, mesh, config.batch_size, config.image_size, config.seed, start_step), None)
-    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale),
-                              tuple(config.crop_aspect_ratio))
+            source, mesh, config.batch_size,
+            lambda step: sizes[min(step // steps_per_epoch, len(sizes) - 1)],
+            config.seed, start_step), None)
     host = pipeline.skipping_train_batches(source, process_sharding(config.batch_size), spec,
                                            start_step, read_retry(config))
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
@@ -66,9 +82,9 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
     """Every example of `split` once, in whole global batches with a mask."""
     if isinstance(source, synthetic.SyntheticSource):
         return DeviceBatches(synthetic.eval_batches(
-            source, mesh, config.eval_batch_size, config.image_size, config.seed), None)
+            source, mesh, config.eval_batch_size, eval_image_size(config), config.seed), None)
     host = pipeline.skipping_eval_batches(
         source, process_sharding(config.eval_batch_size), split=split,
-        image_size=config.image_size, crop_ratio=config.eval_crop_ratio,
+        image_size=eval_image_size(config), crop_ratio=config.eval_crop_ratio,
         retry=read_retry(config))
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from imagenet_jax import storage
-from imagenet_jax.data import preprocess
+from imagenet_jax.data import preprocess, randaugment
 from imagenet_jax.data.sources import Source
 
 _NUM_EPOCHS_UNBOUNDED = 2**40
@@ -152,6 +152,17 @@ class TrainSpec:
     seed: int
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Progressive resizing: the size of each epoch (the last one's for every epoch after);
+    # () = image_size throughout.
+    image_sizes: tuple[int, ...] = ()
+    randaugment: tuple[int, float] | None = None  # (ops per image, magnitude)
+
+    def size_of(self, epoch: tf.Tensor) -> int | tf.Tensor:
+        """The resolution of `epoch`'s images: a constant unless it changes over epochs."""
+        if len(set(self.image_sizes)) <= 1:
+            return self.image_sizes[0] if self.image_sizes else self.image_size
+        sizes = tf.constant(self.image_sizes, tf.int32)
+        return sizes[tf.minimum(tf.cast(epoch, tf.int32), len(self.image_sizes) - 1)]
 
 
 def train_examples(source: Source, sharding: Sharding, seed: int,
@@ -184,8 +195,12 @@ def train_decoder(spec: TrainSpec) -> Callable[..., dict]:
     def decode(epoch, index, image_bytes, label, mask):
         example_seed = tf.random.experimental.stateless_fold_in(tf.stack([spec.seed, epoch]),
                                                                 index)
-        image, flip = preprocess.train_image(image_bytes, example_seed, spec.image_size,
+        image, flip = preprocess.train_image(image_bytes, example_seed, spec.size_of(epoch),
                                              spec.crop_scale, spec.crop_ratio)
+        if spec.randaugment:
+            # Its own stream: the crops and flips stay those of a run without it.
+            augment_seed = tf.random.experimental.stateless_fold_in(example_seed, 1)
+            image = randaugment.randaugment(image, augment_seed, *spec.randaugment)
         return {"image": image, "label": label, "flip": flip, "mask": mask}
 
     return decode
@@ -224,11 +239,15 @@ def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: R
 def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: int,
                   start_step: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
                   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                  image_sizes: tuple[int, ...] = (), randaugment: tuple[int, float] | None = None,
                   repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """Endless local batches from `start_step`: {'image': uint8 [L, S, S, 3], 'label':
-    int32 [L], 'flip': bool [L], 'mask': bool [L]}; skipped examples have mask False."""
+    int32 [L], 'flip': bool [L], 'mask': bool [L]}; skipped examples have mask False.
+    A batch never straddles two epochs, so under progressive resizing its images share
+    their epoch's size S."""
     hide_accelerators_from_tensorflow()
-    spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio))
+    spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio),
+                     tuple(image_sizes), randaugment)
     ds = train_examples(source, sharding, seed, start_step)
     if read_batch := batch_reader(source, "train"):
         ds = _read_in_batches(ds, read_batch, repairs, sharding.local_batch_size)
@@ -415,9 +434,8 @@ def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
                            ) -> SkippingBatches:
     """`train_dataset` from `start_step`, carried past unreadable images."""
     def build(step, repairs):
-        return train_dataset(source, sharding, image_size=spec.image_size, seed=spec.seed,
-                             start_step=step, crop_scale=spec.crop_scale,
-                             crop_ratio=spec.crop_ratio, repairs=repairs)
+        return train_dataset(source, sharding, **dataclasses.asdict(spec), start_step=step,
+                             repairs=repairs)
 
     def examples_at(step):
         pairs = train_examples(source, sharding, spec.seed, step).take(sharding.local_batch_size)

@@ -1,5 +1,6 @@
-"""The `config.dataset` grammar, apart from the sources so that checking a config does
-not import TensorFlow (2-3 s): a mistake is reported before anything heavy loads."""
+"""The grammars of `config.dataset` and `config.randaugment`, apart from the code that
+uses them so that checking a config does not import TensorFlow (2-3 s): a mistake is
+reported before anything heavy loads."""
 
 DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
                  "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")
@@ -13,3 +14,32 @@ def parse_dataset(spec: str) -> tuple[str, str]:
     if kind in ("folder", "tfds", "synthetic") and sep and arg:
         return kind, arg
     raise ValueError(f"unknown dataset {spec!r}; valid forms: {DATASET_FORMS}")
+
+
+MAX_RANDAUGMENT_MAGNITUDE = 30.0  # the RandAugment paper's scale: 10 is AutoAugment's maximum
+
+
+def parse_randaugment(spec: str) -> tuple[int, float] | None:
+    """The config string "N,M" (e.g. "2,9": 2 layers at magnitude 9) as (N, M); "" as None."""
+    if not spec.strip():
+        return None
+    expected = ("expected 'N,M' with N the number of ops per image (an integer >= 1) and M the "
+                "magnitude (a number in [0, 30]), e.g. '2,9'; or '' for no RandAugment")
+    parts = spec.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"randaugment {spec!r}: {expected}")
+    try:
+        num_layers = int(parts[0])
+    except ValueError:
+        raise ValueError(f"randaugment {spec!r}: N={parts[0].strip()!r} is not an integer; "
+                         f"{expected}") from None
+    try:
+        magnitude = float(parts[1])
+    except ValueError:
+        raise ValueError(f"randaugment {spec!r}: M={parts[1].strip()!r} is not a number; "
+                         f"{expected}") from None
+    if num_layers < 1:
+        raise ValueError(f"randaugment {spec!r}: N={num_layers} is below 1; {expected}")
+    if not 0.0 <= magnitude <= MAX_RANDAUGMENT_MAGNITUDE:
+        raise ValueError(f"randaugment {spec!r}: M={magnitude:g} is outside [0, 30]; {expected}")
+    return num_layers, magnitude

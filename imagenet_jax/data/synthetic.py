@@ -80,11 +80,18 @@ def batch_maker(source: SyntheticSource, mesh: Mesh, global_batch_size: int, ima
 
 
 def train_batches(source: SyntheticSource, mesh: Mesh, global_batch_size: int,
-                  image_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
-    make = batch_maker(source, mesh, global_batch_size, image_size, seed)
+                  image_size: int | Callable[[int], int], seed: int, start_step: int = 0
+                  ) -> Iterator[dict]:
+    """Endless batches from `start_step`; `image_size` may be a function of the step
+    (progressive resizing)."""
+    size_of = image_size if callable(image_size) else lambda _: image_size
+    makers: dict[int, Callable] = {}  # one jitted maker a size
     step = start_step
     while True:
-        yield make(jnp.uint32(step), global_batch_size)
+        size = size_of(step)
+        if size not in makers:
+            makers[size] = batch_maker(source, mesh, global_batch_size, size, seed)
+        yield makers[size](jnp.uint32(step), global_batch_size)
         step += 1
 
 

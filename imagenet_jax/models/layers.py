@@ -1,21 +1,23 @@
 """Layers shared by the model families: BatchNorm with per-group batch statistics.
 
-Large-batch recipes (Goyal et al. 2017; the MLPerf ResNet-50 references) compute BatchNorm
-statistics over the examples of a few devices, not the whole global batch: the
-statistics then cost no collective in the forward pass, and the per-group batch stays
-the size the recipe was tuned at however many devices run it. `BatchNorm` here is
-`nnx.BatchNorm` (same variables and names: `scale`, `bias`, `mean`, `var`, so
-checkpoints and the torchvision mappings are unchanged) with a `num_groups` attribute:
+Large-batch recipes (Goyal et al. 2017: 32 examples; the MLPerf ResNet-50 references)
+compute BatchNorm statistics over small groups of examples, not the whole global batch:
+the per-group batch stays the size the recipe was tuned at however large the global
+batch grows, and a group held by one device costs no collective in the forward pass.
+`BatchNorm` here is `nnx.BatchNorm` (same variables and names: `scale`, `bias`, `mean`,
+`var`, so checkpoints and the torchvision mappings are unchanged) with a `num_groups`
+attribute:
 
 - 1 (the default): exactly `nnx.BatchNorm`: statistics over the whole (global) batch.
   Under `jax.jit` on a sharded batch, XLA all-reduces them across the devices.
 - G > 1, in training: the batch is cut into G equal consecutive blocks and each block is
   normalised with its own mean and variance. The batch is laid out block by block over
-  the devices (parallel/mesh.py), so with G = devices / N a block is the examples of N
-  consecutive devices, and with N = 1 normalising needs no communication at all. The
-  running averages move towards the mean over the groups of the per-group statistics:
-  one all-reduce of 2 x C floats per layer, which nothing downstream in the step waits
-  for, so XLA may overlap it with the rest of the step.
+  the devices (parallel/mesh.py), so when a device's examples are whole groups,
+  normalising needs no communication at all; and the groups are the same on any number
+  of devices. The running averages move towards the whole batch's mean and variance,
+  computed from the group moments (the mean of the group variances plus the variance of
+  the group means): what G = 1 would record. One all-reduce of 2 x C floats per layer,
+  which nothing downstream in the step waits for, so XLA may overlap it with the rest.
 
 Evaluation (`use_running_average`) is the same for every G.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 # flax's own statistics and normalisation, so that a group is normalised exactly as
@@ -70,11 +73,13 @@ class BatchNorm(nnx.BatchNorm):
             (grouped, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
         mean, var = _compute_stats(grouped, reduction_axes, dtype=self.dtype,
                                    use_fast_variance=self.use_fast_variance)
-        running_var = var.mean(axis=0)
+        # The whole batch's moments from the groups' (equal sizes): the law of total variance.
+        batch_mean = mean.mean(axis=0)
+        batch_var = var.mean(axis=0) + jnp.square(mean - batch_mean).mean(axis=0)
         if self.unbiased_running_var:
-            count = math.prod(grouped.shape[a] for a in reduction_axes)
-            running_var = running_var * (count / max(count - 1, 1))
-        self._update_running_averages(mean.mean(axis=0), running_var)
+            count = groups * math.prod(grouped.shape[a] for a in reduction_axes)
+            batch_var = batch_var * (count / max(count - 1, 1))
+        self._update_running_averages(batch_mean, batch_var)
         y = _normalize(grouped, mean, var, scale, bias, reduction_axes, feature_axes,
                        self.dtype, self.epsilon)
         return y.reshape(x.shape)
@@ -85,14 +90,15 @@ class BatchNorm(nnx.BatchNorm):
         self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
 
 
-def batchnorm_groups(group_size: int, num_batch_devices: int) -> int:
-    """How many groups `batchnorm_group_size` makes of the batch: 0 means one (global)."""
-    if group_size == 0:
+def batchnorm_groups(group_examples: int, global_batch_size: int) -> int:
+    """How many groups of `group_examples` the batch makes: 0, or a batch no larger than
+    a group, means one (global)."""
+    if group_examples == 0 or global_batch_size <= group_examples:
         return 1
-    if group_size < 0 or num_batch_devices % group_size:
-        raise ValueError(f"batchnorm group size {group_size} does not divide "
-                         f"{num_batch_devices} devices")
-    return num_batch_devices // group_size
+    if group_examples < 0 or global_batch_size % group_examples:
+        raise ValueError(f"batchnorm group of {group_examples} examples does not divide the "
+                         f"batch of {global_batch_size}")
+    return global_batch_size // group_examples
 
 
 def set_batchnorm_groups(model: nnx.Module, num_groups: int,

@@ -8,10 +8,10 @@ from imagenet_jax.parallel.mesh import (
     batch_sharding,
     make_global_batch,
     make_mesh,
-    mesh_from_shape,
     prefetch_to_device,
     replicated,
 )
+from imagenet_jax.parallel.topology import describe_grid, device_grid, mesh_from_shape
 
 __all__ = [
     "BATCH_AXES",
@@ -19,6 +19,8 @@ __all__ = [
     "FSDP_AXIS",
     "batch_axes",
     "batch_sharding",
+    "describe_grid",
+    "device_grid",
     "make_global_batch",
     "make_mesh",
     "mesh_from_shape",

@@ -27,13 +27,6 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def mesh_from_shape(shape: dict[str, int]) -> Mesh:
-    """The mesh over the first prod(shape) devices, axes in `shape`'s order."""
-    sizes = tuple(shape.values())
-    devices = np.asarray(jax.devices()[:int(np.prod(sizes))]).reshape(sizes)
-    return Mesh(devices, tuple(shape))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

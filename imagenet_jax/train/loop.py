@@ -27,7 +27,7 @@ from imagenet_jax.data import input as data_input
 from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation.predictions import predict
 from imagenet_jax.metrics import MetricsLogger, read_records
-from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.parallel import describe_grid, mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
 from imagenet_jax.train.state import TrainState
@@ -45,9 +45,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = storage.as_path(workdir)
     check_writable(workdir)
     source, derived = recipe.plan(config)
-    mesh = mesh_from_shape(derived.mesh_shape)
-    logging.info("Devices: %d over %d process(es); %s", derived.num_devices,
-                 derived.num_processes, derived)
+    mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
+    logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
+                 derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     run = recipe.build(config, derived, mesh)
@@ -60,8 +60,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpointer.close()
         raise
     start_step = int(state.step)
-    if start_step >= derived.num_train_steps:
-        logging.info("The run in %s already finished (step %d).", workdir, start_step)
+    target = last_record(workdir, "target") if config.target_top1 else {}
+    reached = target.get("step") == start_step and target["top1"] >= config.target_top1
+    if start_step >= derived.num_train_steps or reached:
+        logging.info("The run in %s already finished (step %d%s).", workdir, start_step,
+                     ", target top-1 reached" if reached else "")
         checkpointer.close()
         return last_record(workdir, "val")
     if jax.process_index() == 0:
@@ -76,17 +79,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
     try:
-        val_metrics = _train_loop(config, derived, run.train_step, state, train_batches,
-                                  start_step, checkpointer, logger, evaluate, profiler)
+        last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
+                                             train_batches, start_step, checkpointer, logger,
+                                             evaluate, profiler)
     finally:
         checkpointer.close()
         logger.close()
-    return {"step": derived.num_train_steps, "split": "val", **val_metrics}
+    return {"step": last_step, "split": "val", **val_metrics}
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
-                logger, evaluate, profiler) -> dict:
-    """Steps from `start_step` to the end, with logs, evals, checkpoints and early stops.
+                logger, evaluate, profiler) -> tuple[int, dict]:
+    """Steps from `start_step` to the end (or the target top-1), with logs, evals,
+    checkpoints and early stops; returns the last step and its evaluation.
 
     The host only waits on the device at sync points: a log, an eval, a checkpoint.
     Before every checkpoint the steps since the last sync are checked for non-finite
@@ -117,10 +122,12 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
+            reached = False
             if step % derived.eval_every_steps == 0 or is_last:
                 with throughput.paused():
-                    val_metrics = evaluate(state)
-                    logger.log(step, "val", val_metrics)
+                    val_metrics = evaluate_all(evaluate, state, step, logger)
+                reached = reached_target(config.target_top1, val_metrics, step, derived, logger)
+                is_last = is_last or reached
             preempted = preemption.reached(step)
             if is_last or preempted or checkpointer.should_save(step):
                 buffer.check()
@@ -128,13 +135,41 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             if preempted:
                 checkpointer.wait()
                 raise Preempted(step)
+            if reached:
+                break
         checkpointer.wait()
     finally:
         try:
             preemption.close()
         finally:
             profiler.close(quietly=True)  # a failing trace write must not hide why we stop
-    return val_metrics
+    return step, val_metrics
+
+
+def evaluate_all(evaluate: Callable, state: TrainState, step: int, logger: MetricsLogger) -> dict:
+    """The validation metrics of the weights, and of their EMA when the run keeps one
+    ('val_ema', also returned under 'ema_' names)."""
+    metrics = evaluate(state)
+    logger.log(step, "val", metrics)
+    if state.ema is None:
+        return metrics
+    ema_metrics = evaluate(state.with_ema_weights())
+    logger.log(step, "val_ema", ema_metrics)
+    return {**metrics, **{f"ema_{name}": value for name, value in ema_metrics.items()}}
+
+
+def reached_target(target_top1: float, metrics: dict, step: int, derived: Derived,
+                   logger: MetricsLogger) -> bool:
+    """Whether this evaluation reaches `target_top1` (the EMA's top-1 when there is one);
+    if so logs the time-to-accuracy record ('target': steps, epochs, seconds in 'time')."""
+    top1 = metrics.get("ema_top1", metrics["top1"])
+    if not target_top1 or top1 < target_top1:
+        return False
+    logger.log(step, "target", {"target_top1": target_top1, "top1": top1, "steps": step,
+                                "epochs": step / derived.steps_per_epoch})
+    logging.info("Reached top-1 %.4f >= target %.4f at step %d (epoch %.2f): stopping.",
+                 top1, target_top1, step, step / derived.steps_per_epoch)
+    return True
 
 
 class Throughput:

@@ -10,7 +10,8 @@ from imagenet_jax.config import Derived
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, derived: Derived) -> optax.Schedule:
-    """Linear warmup to the batch-scaled peak, then cosine, step, exponential or constant.
+    """Linear warmup to the batch-scaled peak, then cosine, step, exponential, polynomial
+    (MLPerf's: (peak - end) (1 - t)^power + end) or constant.
 
     Warmup starts at peak / warmup_steps, not 0, so that the first step is not wasted.
     """
@@ -29,6 +30,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, derived: Derived)
         after = optax.exponential_decay(
             peak, transition_steps=round(config.lr_decay_every_epochs * derived.steps_per_epoch),
             decay_rate=config.lr_decay_factor, staircase=True)
+    elif config.lr_schedule == "poly":
+        after = optax.polynomial_schedule(peak, config.lr_poly_end, config.lr_poly_power,
+                                          decay_steps)
     else:
         after = optax.constant_schedule(peak)
     if warmup == 0:
@@ -44,10 +48,14 @@ def kernel_mask(params) -> object:
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum or RMSProp, after optional global-norm clipping.
+    """`config.optimizer` after optional global-norm clipping, its weight decay on kernels only.
 
-    L2 decay of the kernels is added to the gradient before the optimizer's own
-    statistics, as PyTorch's optimizers and the reference recipes do.
+    sgd and rmsprop add L2 decay to the gradient before their statistics, as PyTorch's
+    optimizers and the reference recipes do. lars (You et al. 2017, MLPerf's ResNet-50)
+    and lamb (You et al. 2019) add it to the update and scale each kernel's update by its
+    trust ratio, ||w|| / ||update||; BatchNorm parameters and biases get neither the decay
+    nor a trust ratio, as both papers' and MLPerf's implementations exclude them. adamw
+    decays decoupled from the gradient statistics (Loshchilov & Hutter 2019).
 
     The learning rate is a hyperparameter held in the optimizer state, which the train
     step sets to `learning_rate_fn(state.step)` before each update (`with_learning_rate`).
@@ -56,21 +64,39 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     while the step advances; so the rate applied at step s is the schedule's at s.
     """
     def chain(learning_rate):
-        if config.optimizer == "sgd":
-            update = optax.sgd(learning_rate, momentum=config.momentum,
-                               nesterov=config.nesterov)
-        else:  # TensorFlow's RMSProp (squares start at 1, epsilon inside the root): Inception-v3
-            update = optax.rmsprop(learning_rate, decay=config.rmsprop_decay,
-                                   eps=config.rmsprop_epsilon, initial_scale=1.0,
-                                   momentum=config.momentum)
         clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
-        return optax.chain(
-            *clip,
-            optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-            update,
-        )
+        return optax.chain(*clip, *update_rule(config, learning_rate))
 
     return optax.inject_hyperparams(chain)(learning_rate=0.0)
+
+
+def update_rule(config: ml_collections.ConfigDict, learning_rate
+                ) -> tuple[optax.GradientTransformation, ...]:
+    """The optimizer's update, weight decay included, as `create_optimizer` describes: the
+    links of a flat chain (sgd's and rmsprop's as since the first checkpoints, whose
+    optimizer state has this structure)."""
+    decay = config.weight_decay
+    if config.optimizer == "lars":
+        return (optax.lars(learning_rate, weight_decay=decay, weight_decay_mask=kernel_mask,
+                          trust_coefficient=config.lars_trust_coefficient,
+                          trust_ratio_mask=kernel_mask, momentum=config.momentum,
+                          nesterov=config.nesterov),)
+    if config.optimizer == "lamb":
+        # optax.lamb would scale BatchNorm and bias updates by a trust ratio too.
+        return (optax.scale_by_adam(config.adam_b1, config.adam_b2, config.adam_epsilon),
+                optax.add_decayed_weights(decay, mask=kernel_mask),
+                optax.masked(optax.scale_by_trust_ratio(), kernel_mask),
+                optax.scale_by_learning_rate(learning_rate))
+    if config.optimizer == "adamw":
+        return (optax.adamw(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                            eps=config.adam_epsilon, weight_decay=decay, mask=kernel_mask),)
+    if config.optimizer == "sgd":
+        update = optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov)
+    else:  # TensorFlow's RMSProp (squares start at 1, epsilon inside the root): Inception-v3
+        update = optax.rmsprop(learning_rate, decay=config.rmsprop_decay,
+                               eps=config.rmsprop_epsilon, initial_scale=1.0,
+                               momentum=config.momentum)
+    return optax.add_decayed_weights(decay, mask=kernel_mask), update
 
 
 def with_learning_rate(opt_state: optax.OptState, learning_rate: jax.Array) -> optax.OptState:

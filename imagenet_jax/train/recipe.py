@@ -97,8 +97,7 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
     tx = create_optimizer(config)
     dtype = jnp.dtype(derived.compute_dtype)
 
-    # Every mesh axis splits the batch, so the batch is cut over all the mesh's devices.
-    bn_groups = batchnorm_groups(config.batchnorm_group_size, mesh.devices.size)
+    bn_groups = batchnorm_groups(config.batchnorm_group_examples, config.batch_size)
 
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
         model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
@@ -107,9 +106,12 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
 
     graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
                                          dynamic_loss_scale=dtype == jnp.float16,
-                                         rules=ShardingRules.from_config(config))
+                                         rules=ShardingRules.from_config(config),
+                                         ema=config.ema_decay > 0)
     train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
                                 learning_rate_fn=learning_rate_fn,
-                                label_smoothing=config.label_smoothing, dtype=dtype)
+                                label_smoothing=config.label_smoothing, dtype=dtype,
+                                ema_decay=config.ema_decay, mixup_alpha=config.mixup_alpha,
+                                cutmix_alpha=config.cutmix_alpha)
     eval_step = jit_eval_step(mesh, state, graphdef=graphdef, dtype=dtype)
     return Run(graphdef, state, train_step, eval_step, learning_rate_fn)

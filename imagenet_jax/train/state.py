@@ -27,6 +27,22 @@ from imagenet_jax.train.loss_scale import LossScale
 
 
 @flax.struct.dataclass
+class Ema:
+    """Exponential moving averages of the parameters and of the other model variables
+    (BatchNorm statistics), as Polyak averaging of the whole model (timm's ModelEma)."""
+
+    params: dict
+    model_state: dict
+
+    def update(self, params: dict, model_state: dict, decay: float) -> Ema:
+        def average(mean, value):
+            return decay * mean + (1 - decay) * value.astype(mean.dtype)
+
+        return Ema(params=jax.tree.map(average, self.params, params),
+                   model_state=jax.tree.map(average, self.model_state, model_state))
+
+
+@flax.struct.dataclass
 class TrainState:
     step: jax.Array          # int32 scalar: optimizer updates applied so far
     params: dict             # nnx.Param values
@@ -34,6 +50,12 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array           # uint32[2] root key; step keys are fold_in(rng, step)
     loss_scale: LossScale    # float16's dynamic loss scale; a constant 1 otherwise
+    # config.ema_decay's averages; None (no arrays: checkpoints as before EMA) when off.
+    ema: Ema | None = None
+
+    def with_ema_weights(self) -> TrainState:
+        """This state with the EMA's parameters and statistics in place of the model's."""
+        return self.replace(params=self.ema.params, model_state=self.ema.model_state)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
@@ -43,8 +65,8 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 
 def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
                        tx: optax.GradientTransformation, mesh: Mesh, seed: int, *,
-                       rules: ShardingRules | None = None, dynamic_loss_scale: bool = False
-                       ) -> tuple[nnx.GraphDef, TrainState]:
+                       rules: ShardingRules | None = None, dynamic_loss_scale: bool = False,
+                       ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """Initialises the model and optimizer on the devices, laid out by `state_shardings`.
 
     `jax.jit(..., out_shardings=...)` makes every array where it will live: no
@@ -56,9 +78,12 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
 
     def init() -> TrainState:
         _, params, model_state = split_model(model_fn(nnx.Rngs(params=init_key)))
+        # The averages start at the initial weights, as copies (the state is donated whole).
+        averages = (Ema(params=jax.tree.map(jnp.copy, params),
+                        model_state=jax.tree.map(jnp.copy, model_state)) if ema else None)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           model_state=model_state, opt_state=tx.init(params), rng=train_key,
-                          loss_scale=LossScale.create(dynamic_loss_scale))
+                          loss_scale=LossScale.create(dynamic_loss_scale), ema=averages)
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     shardings = state_shardings(jax.eval_shape(init), mesh, rules)
@@ -78,7 +103,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh,
     everywhere = jax.tree.map(lambda _: replicated(mesh), abstract_state)
     return everywhere.replace(
         params=params,
-        opt_state=follow_params(abstract_state.opt_state, abstract_state.params, params, mesh))
+        opt_state=follow_params(abstract_state.opt_state, abstract_state.params, params, mesh),
+        ema=None if abstract_state.ema is None else everywhere.ema.replace(params=params))
 
 
 def shardings_of(state: TrainState) -> TrainState:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from imagenet_jax.parallel import batch_sharding, replicated
 from imagenet_jax.parallel.sharding import gather_params_first, is_sharded
+from imagenet_jax.train import mixing
 from imagenet_jax.train.optim import with_learning_rate
 from imagenet_jax.train.state import TrainState, shardings_of
 
@@ -112,23 +113,32 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return ((rank < k) & ~jnp.any(jnp.isnan(logits), axis=-1)).astype(jnp.float32)
 
 
+def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
+    """[B, C] float32 one-hot targets, smoothed."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     """Per-example softmax cross-entropy in float32, with smoothed one-hot targets."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
+    targets = one_hot_targets(labels, logits.shape[-1], label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               label_smoothing: float, dtype: jnp.dtype) -> tuple[TrainState, TrainMetrics]:
-    """One SGD update on a global batch. BatchNorm statistics span the whole batch.
+               label_smoothing: float, dtype: jnp.dtype, ema_decay: float = 0.0,
+               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+               ) -> tuple[TrainState, TrainMetrics]:
+    """One optimizer update on a global batch. BatchNorm statistics span the whole batch
+    (or its groups: models/layers.py).
 
     The loss is the mean over the batch's real examples (`mask`): an unreadable image
     the pipeline skipped weighs nothing, and the mean is over the global batch on any
     number of devices. In float16 the gradients come from the loss times
     `state.loss_scale` (see loss_scale.py); an overflow skips the step and halves it.
+    With mixup or CutMix (mixing.py) the targets are soft and train top-1 counts the
+    label with the larger share; `ema_decay` > 0 moves `state.ema` after the update.
     """
     scaling = jnp.dtype(dtype) == jnp.float16
     scale = state.loss_scale.scale
@@ -141,6 +151,19 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
     # A key per step, not a carried stream: resuming at step s redraws the same dropout masks.
     dropout_key = jax.random.fold_in(state.rng, state.step)
+    mixed = None
+    if mixup_alpha or cutmix_alpha:
+        # A stream of its own (split, not fold_in: nnx.Rngs folds counts into dropout_key).
+        mixing_key = jax.random.fold_in(jax.random.split(state.rng)[1], state.step)
+        mixed = mixing.mix(mixing_key, images, labels, mixup_alpha=mixup_alpha,
+                           cutmix_alpha=cutmix_alpha)
+        images = mixed.images
+
+    def loss_against_targets(logits):
+        targets = one_hot_targets(labels, logits.shape[-1], label_smoothing)
+        if mixed is not None:
+            targets = mixing.mixed_targets(targets, mixed)
+        return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.model_state)
@@ -149,10 +172,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         # Models with auxiliary heads return (logits, aux_logits) in training; the aux
         # losses enter the objective with the model's weights, never the metrics.
         logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, ())
-        loss = cross_entropy(logits, labels, label_smoothing)
+        loss = loss_against_targets(logits)
         objective = masked_mean(loss)
         for weight, aux in zip(model.aux_loss_weights, aux_logits, strict=True):
-            objective += weight * masked_mean(cross_entropy(aux, labels, label_smoothing))
+            objective += weight * masked_mean(loss_against_targets(aux))
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         scaled = objective * scale if scaling else objective
         return scaled, (objective, loss, logits, new_model_state)
@@ -176,10 +199,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     # A skipped step counts in no average; the learning rate and the skip count are the
     # step's own, outside the mask.
     average = functools.partial(clu_metrics.Average.from_model_output, mask=mask & finite)
+    scored_labels = labels if mixed is None else mixed.dominant_labels(labels)
     metrics = TrainMetrics.empty().replace(
         loss=average(loss),
-        top1=average(topk_correct(logits, labels, 1)),
-        top5=average(topk_correct(logits, labels, 5)),
+        top1=average(topk_correct(logits, scored_labels, 1)),
+        top5=average(topk_correct(logits, scored_labels, 5)),
         grad_norm=clu_metrics.Average.from_model_output(
             jnp.broadcast_to(grad_norm, labels.shape), mask=jnp.broadcast_to(finite, labels.shape)),
         learning_rate=clu_metrics.LastValue.from_model_output(learning_rate),
@@ -188,11 +212,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         loss_scale_overflows=Sum.from_model_output(overflow.astype(jnp.int32)),
         loss_scale=clu_metrics.LastValue.from_model_output(scale),
     )
+    ema = state.ema.update(params, model_state, ema_decay) if state.ema is not None else None
     new_state = state.replace(
         step=state.step + 1,
         params=keep_finite(params, state.params),
         model_state=keep_finite(model_state, state.model_state),
         opt_state=keep_finite(opt_state, state.opt_state),
+        ema=keep_finite(ema, state.ema),
         loss_scale=state.loss_scale.adjust(finite) if scaling else state.loss_scale,
     )
     return new_state, metrics
