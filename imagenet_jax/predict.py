@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from imagenet_jax import saved_run
+from imagenet_jax.config import eval_image_size
 from imagenet_jax.data import wordnet
 from imagenet_jax.parallel import make_global_batch
 from imagenet_jax.train.steps import ClassMap
@@ -59,7 +60,7 @@ def predict_files(workdir: str | os.PathLike, paths: Sequence[str], *, top: int 
     images, results = [], []
     for path in paths:
         try:
-            images.append(load_image(path, config.image_size, config.eval_crop_ratio))
+            images.append(load_image(path, eval_image_size(config), config.eval_crop_ratio))
             results.append({"path": str(path)})
         except ValueError as e:
             results.append({"path": str(path), "error": str(e)})

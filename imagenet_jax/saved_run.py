@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh
 
 from imagenet_jax import models, storage
@@ -105,6 +106,12 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
         state = checkpointer.restore(step, run.state)
     finally:
         checkpointer.close()
+    if state.ema is not None:
+        # A run with ema_decay is used through its averaged weights, the ones its
+        # 'val_ema' records scored (and usually the better ones).
+        logging.info("Using the EMA of the weights (ema_decay=%g) of step %d", config.ema_decay,
+                     step)
+        state = state.with_ema_weights()
     return SavedRun(config, classes, derived, mesh, run, state, step)
 
 

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from imagenet_jax.config import ConfigError, base_config, derive, train_image_sizes, validate
-from imagenet_jax.train import mixing
+from imagenet_jax.metrics import read_records
+from imagenet_jax.train import loop, mixing
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer, with_learning_rate
 from imagenet_jax.train.state import Ema
 
@@ -174,3 +176,22 @@ def test_bad_recipe_fields_fail_before_anything_runs(field, value, message):
     with pytest.raises(ConfigError, match=message):
         validate(config, model_names=["resnet50"], num_devices=8)
 
+
+
+def test_a_run_stops_at_its_target_top1_and_says_so_when_rerun(tiny_dataset, tmp_path):
+    """Every model scores some val example at the first eval (7 of each class), so a tiny
+    target is reached there: step 6 of 24, with its checkpoint and a 'target' record."""
+    config = tiny_config(tiny_dataset, num_epochs=2.0, eval_every_epochs=0.5,
+                         checkpoint_every_steps=100, target_top1=1e-6)
+    config.mesh.data = 1
+    result = loop.train_and_evaluate(config, tmp_path)
+    assert result["step"] == 6 and result["top1"] >= 1e-6
+    target = [r for r in read_records(tmp_path) if r["split"] == "target"]
+    assert len(target) == 1 and target[0]["steps"] == 6 and target[0]["epochs"] == 0.5
+    assert target[0]["time"] > 0 and target[0]["top1"] == result["top1"]
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+    records = read_records(tmp_path)
+    again = loop.train_and_evaluate(config, tmp_path)  # finished: nothing trains
+    assert again["step"] == 6 and read_records(tmp_path) == records
+    config.target_top1 = 1.0  # a higher target carries the run on from its checkpoint
+    assert loop.train_and_evaluate(config, tmp_path)["step"] == 24
