@@ -72,12 +72,16 @@ detected cluster.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging as std_logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -190,9 +194,61 @@ def _join_job() -> None:
         sys.exit(EXIT_NO_JOB)
 
 
+def _verbose() -> bool:
+    """--verbosity (-v) given: every log line on the console, as absl prints them."""
+    return FLAGS["verbosity"].present
+
+
+def _log_to_file(command: str, workdir: str | None) -> Path | None:
+    """Unless --verbosity is given, the console shows warnings, errors and the progress
+    lines only, and every log line goes to WORKDIR/logs/COMMAND.HOST.PID.log (without a
+    workdir to write, or for a gs:// one, under the local temp dir). Returns the file."""
+    if _verbose():
+        return None
+    from imagenet_jax import storage
+
+    folder = (Path(tempfile.gettempdir()) / "imagenet_jax_logs"
+              if workdir is None or storage.is_url(workdir) else Path(workdir) / "logs")
+    path = folder / f"{command}.{socket.gethostname()}.{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = std_logging.FileHandler(path)
+    except OSError:
+        return None  # an unwritable workdir is reported by the command itself
+    absl_handler = logging.get_absl_handler()
+    handler.setFormatter(logging.PythonFormatter())
+    handler.addFilter(_QuietCheckpointLibrary())
+    std_logging.getLogger().addHandler(handler)
+    absl_handler.setLevel(std_logging.WARNING)
+    return path
+
+
+@contextlib.contextmanager
+def _native_stderr_to(path: Path | None) -> Iterator[None]:
+    """Sends what native code writes to stderr (TensorFlow's start-up lines: oneDNN, absl's
+    'All log messages before absl::InitializeLog()') to `path` while the block runs."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as target:
+        os.dup2(target.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def train(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.FIELD=VALUE")
+    config = FLAGS.config
+    config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
+    workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
+    log_file = _log_to_file("train", workdir)
     _join_job()
     import jax
 
@@ -201,19 +257,23 @@ def train(argv: list[str]) -> None:
     from imagenet_jax import models
     from imagenet_jax.checkpoint import StorageUnavailable
     from imagenet_jax.config import ConfigError, validate
+    from imagenet_jax.console import Console
     from imagenet_jax.train import guards
 
-    config = FLAGS.config
-    config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
-    workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
+    if log_file:  # every process says where its log is
+        print(f"Log: {log_file} (--verbosity=0 prints it here instead)", flush=True)
+    console = Console() if jax.process_index() == 0 else Console.silent()
+    began = time.monotonic()
     try:
         # Before importing the loop (and with it TensorFlow, 2-3 s): a config mistake is
         # reported in about a second.
         validate(config, model_names=models.names(), num_devices=jax.device_count(),
                  num_processes=jax.process_count())
+        with _native_stderr_to(log_file):
+            import tensorflow  # noqa: F401 - loaded here, its start-up lines to the log
         from imagenet_jax.train.loop import train_and_evaluate
 
-        result = train_and_evaluate(config, workdir)
+        result = train_and_evaluate(config, workdir, console=console)
     except ConfigError as e:
         _fail(f"config: {e}")
     except guards.NonFiniteError as e:
@@ -225,10 +285,8 @@ def train(argv: list[str]) -> None:
     except StorageUnavailable as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
         sys.exit(EXIT_STORAGE)
-    if jax.process_index() == 0 and result:
-        print(f"Final validation at step {result['step']}: top-1 {result['top1']:.4f}, "
-              f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
-              f"({result['num_examples']} examples). Workdir: {workdir}")
+    if result:
+        console.finish(result, workdir, time.monotonic() - began)
 
 
 def evaluate(argv: list[str]) -> None:
@@ -240,10 +298,13 @@ def evaluate(argv: list[str]) -> None:
     if any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv):
         _fail("eval uses the run's own config (DIR/config.json); change a field with "
               "--config.FIELD=VALUE instead of --config=FILE")
+    log_file = _log_to_file("eval", None)  # eval changes nothing in the run's workdir
     _join_job()
     import jax
 
     _use_compilation_cache()
+    with _native_stderr_to(log_file):
+        import tensorflow  # noqa: F401 - loaded here, its start-up lines to the log
     from imagenet_jax.checkpoint import StorageUnavailable
     from imagenet_jax.config import ConfigError
     from imagenet_jax.evaluation import report

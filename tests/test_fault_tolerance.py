@@ -64,7 +64,7 @@ def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, unin
     assert train_losses[-1] < train_losses[0], "the recipe's training loss goes down"
 
     again = run_to_end(flags, uninterrupted, _env())  # a finished run says so, exits 0
-    assert "already finished" in again.stderr
+    assert "already finished" in again.stdout
 
 
 def test_absurd_learning_rate_stops_naming_the_step(tiny_dataset, tmp_path):

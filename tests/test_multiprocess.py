@@ -1,5 +1,6 @@
 """Several processes on 127.0.0.1: the same training as one process, and no hang on a dead peer."""
 
+import re
 import shutil
 import signal
 import socket
@@ -27,11 +28,12 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_datase
                                *_flags(tiny_dataset, two)], cwd=REPO, env=subprocess_env(2),
                               capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "[1] " in launched.stderr  # both processes ran, their output prefixed
+    assert "[1] Log: " in launched.stdout  # both processes ran, their output prefixed
     alone = subprocess.run([sys.executable, "-m", "imagenet_jax", *_flags(tiny_dataset, one)],
                            cwd=REPO, env=subprocess_env(4), capture_output=True, text=True,
                            timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
+    _assert_console_is_for_people(alone, one)
 
     records = [read_records(w) for w in (two, one)]
     assert [(r["step"], r["split"]) for r in records[0]] == [
@@ -45,6 +47,22 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_datase
     params = [final_params(w)["params"] for w in (two, one)]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _assert_console_is_for_people(result: subprocess.CompletedProcess, workdir) -> None:
+    """No start-up noise of TensorFlow, XLA or absl on the console, all of it in the log
+    file; progress lines with an ETA, one line per evaluation, the final table."""
+    console = result.stdout + result.stderr
+    for noise in ("Unable to initialize backend", "oneDNN", "absl::InitializeLog"):
+        assert noise not in console
+    assert not re.search(r"^[IW]\d{4} ", console, re.MULTILINE), "absl-prefixed lines"
+    assert re.search(r"^epoch 0\.\d/0\.5 \| step \d+/6 \| .* \| ETA \S+$", result.stdout,
+                     re.MULTILINE), result.stdout
+    assert re.search(r"^eval at step 6 .*\(70 examples\)$", result.stdout, re.MULTILINE)
+    assert re.search(r"^  final\s+\d\.\d{4}\s+\d\.\d{4}", result.stdout, re.MULTILINE)
+    logs = list((workdir / "logs").glob("train.*.log"))
+    assert len(logs) == 1 and "oneDNN" in logs[0].read_text()
+    assert "Devices: 4 over 1 process(es)" in logs[0].read_text()
 
 
 def test_a_dead_peer_ends_the_others_within_the_heartbeat(tiny_dataset, tmp_path):

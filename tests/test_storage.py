@@ -117,4 +117,4 @@ def test_a_gs_run_killed_and_resumed_equals_an_uninterrupted_one(bucket, tiny_da
     assert len(keys) == len(set(keys)) and keys[-1] == (24, "val")
     assert keys == [(r["step"], r["split"]) for r in read_records(local)]
     assert storage.as_path(f"{workdir}/config.json").exists()
-    assert "already finished" in run_to_end(flags, workdir, env).stderr
+    assert "already finished" in run_to_end(flags, workdir, env).stdout

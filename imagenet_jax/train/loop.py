@@ -23,6 +23,7 @@ from etils import epath
 from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived
+from imagenet_jax.console import Console
 from imagenet_jax.data import input as data_input
 from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation.predictions import predict
@@ -34,14 +35,17 @@ from imagenet_jax.train.state import TrainState
 from imagenet_jax.train.steps import ClassMap
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       console: Console | None = None) -> dict:
     """Trains `config` in `workdir` (a path or gs:// URL) to the end and returns the final
-    validation metrics.
+    validation metrics. `console` (the CLI's, on process 0) shows the progress to a person;
+    everything is logged through absl either way.
 
     Nothing in the workdir is written before its checkpoint is known to fit `config`: a
     mistaken config on a workdir stops with CheckpointMismatch and leaves it as it was.
     """
     storage.configure()
+    console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
     check_writable(workdir)
     source, derived = recipe.plan(config)
@@ -63,8 +67,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     target = last_record(workdir, "target") if config.target_top1 else {}
     reached = target.get("step") == start_step and target["top1"] >= config.target_top1
     if start_step >= derived.num_train_steps or reached:
-        logging.info("The run in %s already finished (step %d%s).", workdir, start_step,
-                     ", target top-1 reached" if reached else "")
+        message = (f"The run in {workdir} already finished (step {start_step}"
+                   f"{', target top-1 reached' if reached else ''}).")
+        logging.info(message)
+        console.note(message)
         checkpointer.close()
         return last_record(workdir, "val")
     if jax.process_index() == 0:
@@ -74,6 +80,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     logger = MetricsLogger(workdir, resume_step=start_step)
     evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
+    console.start(first_step=start_step, total_steps=derived.num_train_steps,
+                  steps_per_epoch=derived.steps_per_epoch,
+                  description=f"{config.model} on {config.dataset}, {source.num_classes} "
+                  f"classes, batch {config.batch_size} over {derived.num_devices} device(s)")
 
     train_batches = data_input.train_batches(source, config, mesh, start_step)
     profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
@@ -81,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
                                              train_batches, start_step, checkpointer, logger,
-                                             evaluate, profiler)
+                                             evaluate, profiler, console)
     finally:
         checkpointer.close()
         logger.close()
@@ -89,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
-                logger, evaluate, profiler) -> tuple[int, dict]:
+                logger, evaluate, profiler, console) -> tuple[int, dict]:
     """Steps from `start_step` to the end (or the target top-1), with logs, evals,
     checkpoints and early stops; returns the last step and its evaluation.
 
@@ -119,19 +129,22 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
                 train_metrics = buffer.drain()
                 train_metrics["images_per_sec"] = throughput.images_per_sec(step)
                 logger.log(step, "train", train_metrics)
+                console.train(step, train_metrics)
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
             reached = False
             if step % derived.eval_every_steps == 0 or is_last:
                 with throughput.paused():
-                    val_metrics = evaluate_all(evaluate, state, step, logger)
-                reached = reached_target(config.target_top1, val_metrics, step, derived, logger)
+                    val_metrics = evaluate_all(evaluate, state, step, logger, console)
+                reached = reached_target(config.target_top1, val_metrics, step, derived, logger,
+                                         console)
                 is_last = is_last or reached
             preempted = preemption.reached(step)
             if is_last or preempted or checkpointer.should_save(step):
                 buffer.check()
                 checkpointer.save(step, state, force=True)
+                console.checkpoint(step, checkpointer.directory)
             if preempted:
                 checkpointer.wait()
                 raise Preempted(step)
@@ -146,20 +159,23 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
     return step, val_metrics
 
 
-def evaluate_all(evaluate: Callable, state: TrainState, step: int, logger: MetricsLogger) -> dict:
+def evaluate_all(evaluate: Callable, state: TrainState, step: int, logger: MetricsLogger,
+                 console: Console) -> dict:
     """The validation metrics of the weights, and of their EMA when the run keeps one
     ('val_ema', also returned under 'ema_' names)."""
     metrics = evaluate(state)
     logger.log(step, "val", metrics)
+    console.evaluation(step, "val", metrics)
     if state.ema is None:
         return metrics
     ema_metrics = evaluate(state.with_ema_weights())
     logger.log(step, "val_ema", ema_metrics)
+    console.evaluation(step, "val_ema", ema_metrics)
     return {**metrics, **{f"ema_{name}": value for name, value in ema_metrics.items()}}
 
 
 def reached_target(target_top1: float, metrics: dict, step: int, derived: Derived,
-                   logger: MetricsLogger) -> bool:
+                   logger: MetricsLogger, console: Console) -> bool:
     """Whether this evaluation reaches `target_top1` (the EMA's top-1 when there is one);
     if so logs the time-to-accuracy record ('target': steps, epochs, seconds in 'time')."""
     top1 = metrics.get("ema_top1", metrics["top1"])
@@ -167,8 +183,10 @@ def reached_target(target_top1: float, metrics: dict, step: int, derived: Derive
         return False
     logger.log(step, "target", {"target_top1": target_top1, "top1": top1, "steps": step,
                                 "epochs": step / derived.steps_per_epoch})
-    logging.info("Reached top-1 %.4f >= target %.4f at step %d (epoch %.2f): stopping.",
-                 top1, target_top1, step, step / derived.steps_per_epoch)
+    message = (f"Reached top-1 {top1:.4f} >= target {target_top1:.4f} at step {step} "
+               f"(epoch {step / derived.steps_per_epoch:.2f}): stopping.")
+    logging.info(message)
+    console.note(message)
     return True
 
 
