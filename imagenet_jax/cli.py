@@ -507,6 +507,69 @@ COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "import": impo
             "export": export_weights, "plot": plot, "models": list_models, "bench": bench,
             "prepare": prepare}
 
+_JOB = ("coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
+        "heartbeat_timeout_s", "compilation_cache_dir")
+# The flags of each command ("config.*": --config.FIELD=VALUE overrides); absl's own
+# (--verbosity, ...) are everyone's.
+COMMAND_FLAGS = {
+    "train": ("config", "config.*", "workdir", *_JOB),
+    "eval": ("workdir", "step", "eval", "json", "config.*", *_JOB),
+    "predict": ("workdir", "step", "top", "json", "config.*", *_JOB),
+    "import": ("model", "weights", "workdir", "config", "config.*", *_JOB),
+    "export": ("workdir", "out", "step", *_JOB),
+    "plot": ("out",),
+    "models": ("json",),
+    "bench": ("config", "config.*", "mode", "steps", "warmup_steps", "repeats",
+              "device_counts", "json", *_JOB),
+    "prepare": ("manual_dir", "data_dir", "allow_partial"),
+}
+
+
+def _takes(command: str, flag: str) -> bool:
+    allowed = COMMAND_FLAGS[command]
+    return flag in allowed or (flag.startswith("config.") and "config.*" in allowed)
+
+
+def _check_flags_belong(command: str) -> None:
+    """A flag given to a command that does not take it is an error naming who takes it
+    (`train --steps=5`: steps is bench's), not a flag silently ignored."""
+    for name in FLAGS:
+        flag = FLAGS[name]
+        if not flag.present or name != flag.name or not _is_imagenet_jax_flag(name):
+            continue  # (absl's own flags, and short names, which alias a full one)
+        if not _takes(command, name):
+            owners = [c for c in COMMAND_FLAGS if _takes(c, name)]
+            _fail(f"{command} takes no --{name}; it is a flag of {', '.join(owners)}. "
+                  f"`imagenet-jax {command} --help` lists {command}'s flags")
+
+
+def _command_help(command: str) -> str:
+    """The command's paragraph of the module docstring and its flags, only its own."""
+    paragraphs, current = {}, None
+    for line in __doc__.splitlines():
+        if line.startswith("  imagenet-jax "):
+            word = line.split()[1].strip("[]")
+            current = word if word in COMMANDS else None
+            paragraphs.setdefault(current, [])
+        elif not line.startswith("  "):
+            current = None
+        if current:
+            paragraphs[current].append(line)
+    lines = [*paragraphs.get(command, []), "", "Flags:"]
+    for name in COMMAND_FLAGS[command]:
+        if name == "config.*":
+            lines.append("  --config.FIELD=VALUE: any field of the config "
+                         "(imagenet_jax/config.py lists them), e.g. --config.num_epochs=30")
+            continue
+        flag = FLAGS[name]
+        lines.append(f"  --{name}: {flag.help} (default: {flag.default_as_str or 'none'})")
+    lines.append("  --verbosity (-v): every log line on the console, not only in the log file")
+    return "\n".join(lines)
+
+
+def _is_imagenet_jax_flag(name: str) -> bool:
+    return name.startswith("config.") or any(name in flags for flags in COMMAND_FLAGS.values())
+
 
 class _QuietCheckpointLibrary(std_logging.Filter):
     """Orbax logs several INFO lines per save; keep its warnings and errors only."""
@@ -523,7 +586,8 @@ def run() -> None:
     storage.configure()  # before any storage client is loaded
     args = sys.argv[1:]
     command = "train"
-    if args and not args[0].startswith("-"):
+    explicit_command = bool(args) and not args[0].startswith("-")
+    if explicit_command:
         command, args = args[0], args[1:]
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
@@ -537,9 +601,13 @@ def run() -> None:
     except (ValueError, flags.Error) as e:
         _fail(f"config: {e}".replace("\n", " "))
     if "--help" in args or "-h" in args:
-        print(__doc__)
-        print(FLAGS.module_help(sys.modules[__name__]))
+        print(_command_help(command) if explicit_command else __doc__)
         sys.exit(0)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
-    app.run(COMMANDS[command], argv=[f"imagenet-jax {command}", *args], flags_parser=_parse_flags)
+
+    def main(argv: list[str]) -> None:
+        _check_flags_belong(command)
+        COMMANDS[command](argv)
+
+    app.run(main, argv=[f"imagenet-jax {command}", *args], flags_parser=_parse_flags)

@@ -41,3 +41,11 @@ def test_help_shows_how_to_override():
     result = run_cli("train", "--help")
     assert result.returncode == 0
     assert "--config.FIELD=VALUE" in result.stdout + result.stderr
+
+
+def test_each_command_takes_only_its_own_flags():
+    result = run_cli("train", "--steps=5")
+    assert result.returncode == 2
+    assert "train takes no --steps; it is a flag of bench" in result.stderr
+    help_text = run_cli("plot", "--help").stdout
+    assert "--out" in help_text and "--workdir" not in help_text and "--steps" not in help_text
