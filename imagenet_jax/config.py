@@ -14,7 +14,7 @@ import re
 
 import ml_collections
 
-from imagenet_jax.data.spec import parse_dataset, parse_randaugment
+from imagenet_jax.spec import ConfigError, parse_dataset, parse_randaugment
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "poly", "constant")
@@ -24,10 +24,6 @@ ON_NONFINITE = ("stop", "skip")
 # over 'fsdp' only.
 MESH_AXES = ("data", "fsdp")
 DATA_AXIS = "data"
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says what is wrong and what is valid."""
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
 from imagenet_jax.data.randaugment import OPS, randaugment
-from imagenet_jax.data.spec import parse_randaugment
+from imagenet_jax.spec import parse_randaugment
 
 # Ops that depend only on the image's own statistics, not on the magnitude.
 UNSIGNED_STATISTIC_OPS = {"AutoContrast", "Equalize"}

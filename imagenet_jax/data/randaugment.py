@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from imagenet_jax.data.spec import MAX_RANDAUGMENT_MAGNITUDE
+from imagenet_jax.spec import MAX_RANDAUGMENT_MAGNITUDE
 
 FILL_VALUE = 128  # what the geometric ops bring in at the borders
 MAX_ROTATE_DEGREES = 30.0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 from imagenet_jax import storage
 from imagenet_jax.data import demo, synthetic
-from imagenet_jax.data.spec import parse_dataset
+from imagenet_jax.spec import parse_dataset
 
 SPLITS = ("train", "val")
 

@@ -30,7 +30,7 @@ import numpy as np
 from imagenet_jax import storage
 from imagenet_jax.config import ConfigError
 from imagenet_jax.data import sources
-from imagenet_jax.data.spec import parse_dataset
+from imagenet_jax.spec import parse_dataset
 from imagenet_jax.train.steps import ClassMap
 
 IMAGENET_V2 = "imagenet_v2"

@@ -1,6 +1,14 @@
-"""The grammars of `config.dataset` and `config.randaugment`, apart from the code that
-uses them so that checking a config does not import TensorFlow (2-3 s): a mistake is
-reported before anything heavy loads."""
+"""The leaf every part of imagenet_jax may import: `ConfigError`, and the grammars of
+`config.dataset` and `config.randaugment`.
+
+It imports nothing of imagenet_jax (so config, data and parallel never form a cycle)
+and no TensorFlow (2-3 s): checking a config reports a mistake before anything heavy
+loads."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says what is wrong and what is valid."""
+
 
 DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
                  "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")
