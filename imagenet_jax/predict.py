@@ -18,7 +18,7 @@ import numpy as np
 from imagenet_jax import saved_run
 from imagenet_jax.config import eval_image_size
 from imagenet_jax.data import wordnet
-from imagenet_jax.parallel import make_global_batch
+from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.train.steps import ClassMap
 
 

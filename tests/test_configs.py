@@ -12,7 +12,8 @@ from imagenet_jax import models
 from imagenet_jax.config import base_config
 from imagenet_jax.data import input as data_input
 from imagenet_jax.data import pipeline
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape
+from imagenet_jax.data.feeding import make_global_batch
+from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.steps import ClassMap
 

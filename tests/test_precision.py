@@ -15,7 +15,8 @@ import pytest
 from conftest import tiny_config
 
 from imagenet_jax.data import pipeline
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape
+from imagenet_jax.data.feeding import make_global_batch
+from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.loss_scale import GROWTH_PERIOD, INITIAL_SCALE, LossScale
 

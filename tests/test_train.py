@@ -7,7 +7,8 @@ from conftest import tiny_config
 from flax import nnx
 
 from imagenet_jax.data import pipeline
-from imagenet_jax.parallel import make_global_batch, make_mesh
+from imagenet_jax.data.feeding import make_global_batch
+from imagenet_jax.parallel import make_mesh
 from imagenet_jax.train import loop, optim, recipe, steps
 
 

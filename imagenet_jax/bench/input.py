@@ -34,12 +34,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from imagenet_jax.bench.train import process_peak_rss_mb
+from imagenet_jax.bench.host import process_peak_rss_mb
 from imagenet_jax.config import ConfigError
 from imagenet_jax.data import input as data_input
 from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
-from imagenet_jax.parallel import make_global_batch, mesh_from_shape, prefetch_to_device
+from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 
 

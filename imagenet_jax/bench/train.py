@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from imagenet_jax.bench.host import process_peak_rss_mb
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.data import sources, synthetic
 from imagenet_jax.parallel import mesh_from_shape
@@ -254,12 +253,6 @@ def peak_memory(mesh: Mesh) -> tuple[float, str]:
     if peaks:
         return max(peaks) / 2**20, "device_peak_bytes_in_use"
     return process_peak_rss_mb(), "process_peak_rss"
-
-
-def process_peak_rss_mb() -> float:
-    """This process's peak resident set, in MiB."""
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (max_rss if sys.platform == "darwin" else max_rss * 1024) / 2**20  # Linux: KiB
 
 
 def default_matmul_size(platform: str) -> int:

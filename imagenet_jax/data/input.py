@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from imagenet_jax.config import eval_image_size, train_image_sizes
 from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
-from imagenet_jax.parallel import make_global_batch, prefetch_to_device
 from imagenet_jax.spec import parse_randaugment
 
 

@@ -6,9 +6,7 @@ from imagenet_jax.parallel.mesh import (
     FSDP_AXIS,
     batch_axes,
     batch_sharding,
-    make_global_batch,
     make_mesh,
-    prefetch_to_device,
     replicated,
 )
 from imagenet_jax.parallel.topology import describe_grid, device_grid, mesh_from_shape
@@ -21,9 +19,7 @@ __all__ = [
     "batch_sharding",
     "describe_grid",
     "device_grid",
-    "make_global_batch",
     "make_mesh",
     "mesh_from_shape",
-    "prefetch_to_device",
     "replicated",
 ]

@@ -1,4 +1,5 @@
-"""The device mesh, the shardings the trainer uses, and getting batches onto it.
+"""The device mesh's axes and the shardings the trainer uses (batches reach them through
+data/feeding.py).
 
 Data parallelism is `jax.jit` over global arrays: the batch is sharded along the
 mesh's batch axes (`data` and `fsdp`), the train state is replicated (or, over `fsdp`,
@@ -8,9 +9,7 @@ reduce-scatter). Every process holds only its own slice of each global batch.
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -43,28 +42,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     consecutive blocks sit on consecutive devices of the mesh.
     """
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
-
-
-def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's slice of the batch into global arrays on `mesh`."""
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch
-    )
-
-
-def prefetch_to_device(
-    iterator: Iterable[Any], size: int, put: Callable[[Any], Any]
-) -> Iterator[Any]:
-    """Keeps `size` batches in flight to the devices ahead of the consumer.
-
-    `put` starts an asynchronous transfer and returns at once, so the copy of the
-    next batches overlaps the step running on the current one.
-    """
-    queue: collections.deque = collections.deque()
-    for batch in iterator:
-        queue.append(put(batch))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()

@@ -284,25 +284,24 @@ def jit_train_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Cal
     shardings, from `create_train_state`): replicated, or fsdp-sharded by the rules.
     """
     shardings = shardings_of(abstract_state)
-    step = functools.partial(train_step, **step_kwargs)
-    if is_sharded(shardings.params):
-        step = gather_params_first(step, mesh, name=train_step.__name__)
-    return jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    return _jit_step(train_step, mesh, shardings, step_kwargs,
+                     in_shardings=(shardings, batch_sharding(mesh)),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
     """`eval_step` compiled for `mesh`, the state where `abstract_state` keeps it."""
     shardings = shardings_of(abstract_state)
-    step = functools.partial(eval_step, **step_kwargs)
+    return _jit_step(eval_step, mesh, shardings, step_kwargs,
+                     in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                     out_shardings=replicated(mesh))
+
+
+def _jit_step(step: Callable, mesh: Mesh, shardings: TrainState, step_kwargs: dict,
+              **jit_kwargs) -> Callable:
+    """`step` with its keyword arguments bound, jitted; under fsdp its parameters are
+    gathered whole first (parallel/sharding.py)."""
+    bound = functools.partial(step, **step_kwargs)
     if is_sharded(shardings.params):
-        step = gather_params_first(step, mesh, name=eval_step.__name__)
-    return jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=replicated(mesh),
-    )
+        bound = gather_params_first(bound, mesh, name=step.__name__)
+    return jax.jit(bound, **jit_kwargs)
