@@ -147,7 +147,7 @@ def chaos(flags: list[str], root, *, kills: int, seed: int, max_delay: float,
     report.resumed = report.kills
     a, b = final_params(straight), final_params(chaotic)
     report.params_equal = int(a["step"]) == int(b["step"]) and all(
-        trees_equal(a[k], b[k]) for k in ("params", "model_state", "opt_state"))
+        trees_equal(a.get(k), b.get(k)) for k in ("params", "model_state", "opt_state", "ema"))
     return report
 
 

@@ -21,7 +21,7 @@ reuses (vgg.py imports from here, never the reverse).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import jax
@@ -168,17 +168,32 @@ class AlexNet(nnx.Module):
             ])
         self.pool_size = (6, 6)
         linear = partial(nnx.Linear, kernel_init=linear_init, **kw)
-        self.classifier = nnx.List([
-            nnx.Dropout(dropout_rate), linear(256 * math.prod(self.pool_size), 4096), ReLU(),
-            nnx.Dropout(dropout_rate), linear(4096, 4096), ReLU(),
-            linear(4096, num_classes),
-        ])
+        self.classifier = classifier_head(linear, 256 * math.prod(self.pool_size), num_classes,
+                                          dropout_rate, dropout_first=True)
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = apply_layers(self.features, x, rngs)
-        x = adaptive_avg_pool(x, self.pool_size)
-        x = x.reshape(x.shape[0], -1)
-        return apply_layers(self.classifier, x, rngs)
+        return pooled_classifier(self, x, rngs)
+
+
+def classifier_head(linear: Callable[[int, int], nnx.Linear], in_features: int,
+                    num_classes: int, dropout_rate: float, *, dropout_first: bool) -> nnx.List:
+    """torchvision's AlexNet and VGG classifier: two 4096-wide Linears with ReLU and
+    dropout, then the output Linear. AlexNet drops out before each hidden Linear, VGG
+    after each ReLU; the order fixes the indices of torchvision's `classifier.{i}` names."""
+    def hidden(features: int) -> list[nnx.Module]:
+        block = [linear(features, 4096), ReLU()]
+        dropout = nnx.Dropout(dropout_rate)
+        return [dropout, *block] if dropout_first else [*block, dropout]
+
+    return nnx.List([*hidden(in_features), *hidden(4096), linear(4096, num_classes)])
+
+
+def pooled_classifier(model: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """The forward pass AlexNet and VGG share: features, adaptive average pooling to
+    `model.pool_size`, flatten, classifier."""
+    x = apply_layers(model.features, x, rngs)
+    x = adaptive_avg_pool(x, model.pool_size)
+    return apply_layers(model.classifier, x.reshape(x.shape[0], -1), rngs)
 
 
 AlexNetOriginal = partial(AlexNet, original=True)

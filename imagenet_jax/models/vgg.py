@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagenet_jax.models.alexnet import MaxPool, ReLU, adaptive_avg_pool, apply_layers
+from imagenet_jax.models.alexnet import MaxPool, ReLU, classifier_head, pooled_classifier
 from imagenet_jax.models.layers import BatchNorm
 
 # Output channels of each 3x3 conv; "M" is a 2x2/2 max pool. Table 1 of the paper.
@@ -92,18 +92,11 @@ class VGG(nnx.Module):
         self.features = nnx.List(layers)
         self.pool_size = (7, 7)
         linear = partial(nnx.Linear, kernel_init=linear_init, **kw)
-        self.classifier = nnx.List([
-            linear(channels * math.prod(self.pool_size), 4096), ReLU(),
-            nnx.Dropout(dropout_rate),
-            linear(4096, 4096), ReLU(), nnx.Dropout(dropout_rate),
-            linear(4096, num_classes),
-        ])
+        self.classifier = classifier_head(linear, channels * math.prod(self.pool_size),
+                                          num_classes, dropout_rate, dropout_first=False)
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        x = apply_layers(self.features, x, rngs)
-        x = adaptive_avg_pool(x, self.pool_size)
-        x = x.reshape(x.shape[0], -1)
-        return apply_layers(self.classifier, x, rngs)
+        return pooled_classifier(self, x, rngs)
 
 
 VGG11 = partial(VGG, "A")

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 
 from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
@@ -64,8 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpointer.close()
         raise
     start_step = int(state.step)
-    target = last_record(workdir, "target") if config.target_top1 else {}
-    reached = target.get("step") == start_step and target["top1"] >= config.target_top1
+    reached = target_reached_before(workdir, config.target_top1, start_step)
     if start_step >= derived.num_train_steps or reached:
         message = (f"The run in {workdir} already finished (step {start_step}"
                    f"{', target top-1 reached' if reached else ''}).")
@@ -157,6 +158,18 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
         finally:
             profiler.close(quietly=True)  # a failing trace write must not hide why we stop
     return step, val_metrics
+
+
+def target_reached_before(workdir: epath.Path, target_top1: float, step: int) -> bool:
+    """Whether the run stopped at `step` because it reached `target_top1` (a 'target'
+    record there). Process 0's answer, which writes the records, is every process's."""
+    if not target_top1:
+        return False
+    target = last_record(workdir, "target")
+    reached = target.get("step") == step and target["top1"] >= target_top1
+    if jax.process_count() > 1:
+        reached = bool(multihost_utils.broadcast_one_to_all(np.asarray(reached)))
+    return reached
 
 
 def evaluate_all(evaluate: Callable, state: TrainState, step: int, logger: MetricsLogger,
