@@ -13,7 +13,8 @@ import tensorflow as tf
 from conftest import REPO, subprocess_env
 from PIL import Image
 
-from imagenet_jax.data import demo, pipeline, preprocess, sources, spec, synthetic
+from imagenet_jax import spec
+from imagenet_jax.data import demo, pipeline, preprocess, sources, synthetic
 from imagenet_jax.parallel import make_mesh
 
 
