@@ -199,28 +199,43 @@ def _verbose() -> bool:
     return FLAGS["verbosity"].present
 
 
-def _log_to_file(command: str, workdir: str | None) -> Path | None:
+def _log_to_file(command: str) -> Path | None:
     """Unless --verbosity is given, the console shows warnings, errors and the progress
-    lines only, and every log line goes to WORKDIR/logs/COMMAND.HOST.PID.log (without a
-    workdir to write, or for a gs:// one, under the local temp dir). Returns the file."""
+    lines only, and every log line goes to TMPDIR/imagenet_jax_logs/COMMAND.HOST.PID.log
+    (`_keep_log` copies it into the run once the run has trained). Returns the file."""
     if _verbose():
         return None
-    from imagenet_jax import storage
-
-    folder = (Path(tempfile.gettempdir()) / "imagenet_jax_logs"
-              if workdir is None or storage.is_url(workdir) else Path(workdir) / "logs")
+    folder = Path(tempfile.gettempdir()) / "imagenet_jax_logs"
     path = folder / f"{command}.{socket.gethostname()}.{os.getpid()}.log"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handler = std_logging.FileHandler(path)
     except OSError:
-        return None  # an unwritable workdir is reported by the command itself
-    absl_handler = logging.get_absl_handler()
+        return None
     handler.setFormatter(logging.PythonFormatter())
     handler.addFilter(_QuietCheckpointLibrary())
     std_logging.getLogger().addHandler(handler)
-    absl_handler.setLevel(std_logging.WARNING)
+    logging.get_absl_handler().setLevel(std_logging.WARNING)
     return path
+
+
+def _keep_log(log_file: Path | None, workdir: str) -> None:
+    """The log joins the run, as WORKDIR/logs/NAME, once the run has trained (finished,
+    preempted or stopped on a non-finite step). A run refused before (a bad config,
+    another run's checkpoint) leaves the workdir exactly as it was, its log in TMPDIR."""
+    if log_file is None:
+        return
+    from imagenet_jax import storage
+
+    try:
+        for handler in std_logging.getLogger().handlers:
+            handler.flush()
+        target = storage.as_path(workdir) / "logs" / log_file.name
+        if not storage.is_url(workdir):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(log_file.read_text(errors="replace"))
+    except Exception as e:  # noqa: BLE001 - the run's outcome matters more than its log
+        logging.warning("Could not copy the log %s into %s: %s", log_file, workdir, e)
 
 
 @contextlib.contextmanager
@@ -248,7 +263,7 @@ def train(argv: list[str]) -> None:
     config = FLAGS.config
     config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
-    log_file = _log_to_file("train", workdir)
+    log_file = _log_to_file("train")
     _join_job()
     import jax
 
@@ -261,7 +276,8 @@ def train(argv: list[str]) -> None:
     from imagenet_jax.train import guards
 
     if log_file:  # every process says where its log is
-        print(f"Log: {log_file} (--verbosity=0 prints it here instead)", flush=True)
+        print(f"Log: {log_file} (copied into {workdir}/logs/ once the run trains; "
+              "--verbosity=0 prints it here instead)", flush=True)
     console = Console() if jax.process_index() == 0 else Console.silent()
     began = time.monotonic()
     try:
@@ -278,13 +294,16 @@ def train(argv: list[str]) -> None:
         _fail(f"config: {e}")
     except guards.NonFiniteError as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
+        _keep_log(log_file, workdir)
         sys.exit(guards.EXIT_NONFINITE)
     except guards.Preempted as e:
         print(f"imagenet-jax: {e}", file=sys.stderr)
+        _keep_log(log_file, workdir)
         sys.exit(guards.EXIT_PREEMPTED)
     except StorageUnavailable as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
         sys.exit(EXIT_STORAGE)
+    _keep_log(log_file, workdir)
     if result:
         console.finish(result, workdir, time.monotonic() - began)
 
@@ -298,7 +317,7 @@ def evaluate(argv: list[str]) -> None:
     if any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv):
         _fail("eval uses the run's own config (DIR/config.json); change a field with "
               "--config.FIELD=VALUE instead of --config=FILE")
-    log_file = _log_to_file("eval", None)  # eval changes nothing in the run's workdir
+    log_file = _log_to_file("eval")  # (never copied: eval changes nothing in the run)
     _join_job()
     import jax
 

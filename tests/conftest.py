@@ -61,7 +61,7 @@ def tiny_config(dataset_root: Path, **overrides):
 
 # The large-batch recipe's fields ride on every resumable run, so that the kill-and-resume
 # test proves each of them resumes bitwise: LARS, EMA, mixup and CutMix, RandAugment,
-# progressive resizing (12 px for epochs 0-3, 16 px from 4: two compiled sizes) and
+# progressive resizing (12 px for epochs 0-3, 16 px for 4-5: two compiled sizes) and
 # BatchNorm groups of 8 (each of the 4 devices' examples).
 RESUMABLE_RECIPE = {
     "optimizer": "lars", "lars_trust_coefficient": 0.1, "ema_decay": 0.9,
@@ -73,18 +73,18 @@ RESUMABLE_RECIPE = {
 
 
 def resumable_flags(dataset_root: Path, *extra: str) -> list[str]:
-    """CLI flags of the tiny recipe with RESUMABLE_RECIPE for 8 epochs (96 steps), a
+    """CLI flags of the tiny recipe with RESUMABLE_RECIPE for 6 epochs (72 steps), a
     checkpoint every 4 steps."""
     recipe = [f"--config.{name}={value}" for name, value in RESUMABLE_RECIPE.items()]
     return ["--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset_root}",
-            "--config.num_epochs=8", "--config.checkpoint_every_steps=4", *recipe, *extra]
+            "--config.num_epochs=6", "--config.checkpoint_every_steps=4", *recipe, *extra]
 
 
 def resumable_config(dataset_root: Path, **overrides):
     """The config `resumable_flags` gives, as an object."""
     from imagenet_jax.config import set_field
 
-    config = tiny_config(dataset_root, num_epochs=8.0, checkpoint_every_steps=4, **overrides)
+    config = tiny_config(dataset_root, num_epochs=6.0, checkpoint_every_steps=4, **overrides)
     for name, value in RESUMABLE_RECIPE.items():
         set_field(config, name, value)
     return config

@@ -22,7 +22,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 # the default suite through resnet18 (BasicBlock) and resnet50 (Bottleneck, groups=1), and
 # inception_v3's graph is built and lowered there by test_models (parameters, GMACs).
 SLOW_CONFIGS = {"resnet34", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
-                "inception_v3"}
+                "inception_v3",
+                # 45 s: its aux heads' step; GoogLeNet's train-mode logits (aux heads
+                # included) are matched to torchvision's in the default run (test_weights).
+                "googlenet"}
 # Configs of an architecture another config builds here (resnet50.py) differ in their recipe
 # (LARS, LAMB, EMA, RandAugment, mixup, progressive sizes): they train ResNet-tiny, so the
 # test pays for the recipe, not for compiling ResNet-50 three more times.
