@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from imagenet_jax.data import pipeline
+from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
@@ -44,7 +44,7 @@ def _config(dataset_root, dtype):
 def _first_batches(config, num_batches):
     source, _ = recipe.plan(config)
     batches = pipeline.train_dataset(
-        source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
+        source, order.Sharding(config.batch_size), image_size=config.image_size,
         seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
     return [next(batches) for _ in range(num_batches)]
 

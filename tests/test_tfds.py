@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import REPO, subprocess_env
 
-from imagenet_jax.data import pipeline, prepare, tfds_source
+from imagenet_jax.data import order, pipeline, prepare, tfds_source
 
 
 @pytest.fixture(scope="session")
@@ -187,12 +187,12 @@ def test_batched_read_equals_one_at_a_time(source):
             return getattr(source, name)
 
     kwargs = dict(image_size=16, seed=0)
-    batched = pipeline.train_dataset(source, pipeline.Sharding(8), **kwargs).take(4)
-    single = pipeline.train_dataset(OneAtATime(), pipeline.Sharding(8), **kwargs).take(4)
+    batched = pipeline.train_dataset(source, order.Sharding(8), **kwargs).take(4)
+    single = pipeline.train_dataset(OneAtATime(), order.Sharding(8), **kwargs).take(4)
     for a, b in zip(batched.as_numpy_iterator(), single.as_numpy_iterator(), strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    evals = [list(pipeline.eval_dataset(s, pipeline.Sharding(8), image_size=16)
+    evals = [list(pipeline.eval_dataset(s, order.Sharding(8), image_size=16)
                   .as_numpy_iterator()) for s in (source, OneAtATime())]
     for a, b in zip(*evals, strict=True):
         for key in a:

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from imagenet_jax.data import pipeline
+from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.parallel import make_mesh
 from imagenet_jax.train import loop, optim, recipe, steps
@@ -16,7 +16,7 @@ def _train(config, mesh, num_steps):
     source, derived = recipe.plan(config)
     run = recipe.build(config, derived, mesh)
     batches = pipeline.train_dataset(
-        source, pipeline.Sharding(config.batch_size), image_size=config.image_size,
+        source, order.Sharding(config.batch_size), image_size=config.image_size,
         seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
     state, losses = run.state, []
     for _ in range(num_steps):
@@ -54,7 +54,7 @@ def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
     assert result["num_examples"] == 70
 
     # Reference: every validation image at once, one device, no padding.
-    whole = pipeline.Sharding(80)
+    whole = order.Sharding(80)
     images = next(pipeline.eval_dataset(source, whole, image_size=16).as_numpy_iterator())
     model = nnx.merge(run.graphdef, jax.device_get(state.params),
                       jax.device_get(state.model_state))

@@ -37,7 +37,7 @@ import tensorflow as tf
 from imagenet_jax.bench.host import process_peak_rss_mb
 from imagenet_jax.config import ConfigError
 from imagenet_jax.data import input as data_input
-from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data import order, pipeline, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
 from imagenet_jax.parallel import mesh_from_shape
@@ -57,7 +57,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     sharding = data_input.process_sharding(config.batch_size)
     spec = data_input.train_spec(config)
-    examples = pipeline.train_examples(source, sharding, config.seed)
+    examples = order.train_examples(source, sharding, config.seed)
     indices = np.array([i for _, i in examples.take(batches * sharding.local_batch_size)
                         .as_numpy_iterator()])
     num_images = len(indices)
@@ -79,7 +79,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
         "images_per_sec": (train_host, num_images),
         "device_images_per_sec": (train_device, num_images),
         "eval_images_per_sec": (eval_host, sharding.local_batch_size * min(
-            batches, pipeline.num_eval_batches(source, "train", sharding.global_batch_size))),
+            batches, order.num_eval_batches(source, "train", sharding.global_batch_size))),
         "floor_read_images_per_sec": (functools.partial(floor_dataset, source, indices,
                                                         read_only=True), num_images),
         "floor_decode_images_per_sec": (functools.partial(floor_dataset, source, indices,
@@ -148,7 +148,7 @@ def time_pass(make: Callable[[], Iterator], *, block: bool) -> float:
     return time.perf_counter() - start
 
 
-def describe(config: ml_collections.ConfigDict, source: Source, sharding: pipeline.Sharding,
+def describe(config: ml_collections.ConfigDict, source: Source, sharding: order.Sharding,
              indices: np.ndarray, batches: int, repeats: int, warmup: int) -> dict[str, Any]:
     return {
         "dataset": config.dataset,

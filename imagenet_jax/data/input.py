@@ -18,7 +18,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from imagenet_jax.config import eval_image_size, train_image_sizes
-from imagenet_jax.data import pipeline, synthetic
+from imagenet_jax.data import order, pipeline, repair, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
 from imagenet_jax.spec import parse_randaugment
@@ -27,7 +27,7 @@ from imagenet_jax.spec import parse_randaugment
 class DeviceBatches(Iterator[dict]):
     """Global batches, and the report of the examples skipped on the way."""
 
-    def __init__(self, batches: Iterator[dict], skipping: pipeline.SkippingBatches | None):
+    def __init__(self, batches: Iterator[dict], skipping: repair.SkippingBatches | None):
         self._batches, self._skipping = batches, skipping
 
     def __next__(self) -> dict:
@@ -38,13 +38,13 @@ class DeviceBatches(Iterator[dict]):
         return self._skipping.take_report() if self._skipping else {}
 
 
-def process_sharding(global_batch_size: int) -> pipeline.Sharding:
+def process_sharding(global_batch_size: int) -> order.Sharding:
     """This process's part of each global batch."""
-    return pipeline.Sharding(global_batch_size, jax.process_index(), jax.process_count())
+    return order.Sharding(global_batch_size, jax.process_index(), jax.process_count())
 
 
-def read_retry(config: ml_collections.ConfigDict) -> pipeline.ReadRetry:
-    return pipeline.ReadRetry(config.read_attempts, config.read_retry_delay_s)
+def read_retry(config: ml_collections.ConfigDict) -> repair.ReadRetry:
+    return repair.ReadRetry(config.read_attempts, config.read_retry_delay_s)
 
 
 def _to_devices(batches: Iterator[dict], mesh: Mesh, prefetch: int) -> Iterator[dict]:
@@ -64,7 +64,7 @@ def train_spec(config: ml_collections.ConfigDict) -> pipeline.TrainSpec:
 def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
                   start_step: int = 0) -> DeviceBatches:
     """Endless global training batches from `start_step` on."""
-    steps_per_epoch = pipeline.steps_per_epoch(source, config.batch_size)
+    steps_per_epoch = order.steps_per_epoch(source, config.batch_size)
     spec = train_spec(config)
     if isinstance(source, synthetic.SyntheticSource):
         sizes = spec.image_sizes

@@ -1,40 +1,24 @@
-"""Per-process tf.data pipelines: each process builds only its slice of each global batch.
+"""The per-process tf.data pipelines: each process builds only its slice of each global batch.
 
-Order is a pure function of (seed, step), independent of the number of processes
-and devices: epoch `e` visits a permutation of the training set drawn from
-(seed, e), and global batch `b` is positions [b*G, (b+1)*G) of it, of which process
-`p` reads the contiguous slice [p*L, (p+1)*L) (G global, L = G / processes). So
-1 process or 8, 1 device or 8, the model sees the same global batches; and a run
-resumed at step s rebuilds the pipeline at s instead of replaying the data before it.
-
-Every image takes one branch-free JPEG path. Files that path cannot read never stop
-a run and never drop a batch: `SkippingBatches` notices the failing batch, examines
-its examples one by one, and rebuilds the pipeline at that batch with `Repairs`: an
-image in another format (ImageNet's train set holds a PNG named .JPEG) is converted
-to JPEG once and read from memory from then on; an unreadable one (corrupt,
-truncated, empty) is replaced by a neutral image with `mask` False, so it counts in
-no loss and no metric. Building the pipeline at any step costs no file reads, so the
-price is re-reading one batch per bad file, once per pipeline (each evaluation builds
-its own and meets its bad files again).
+`train_dataset` and `eval_dataset` read the examples that `order` assigns to this
+process (in batches of records for sources that read through Python), decode and
+crop them (`preprocess`), and batch them as uint8; `skipping_train_batches` and
+`skipping_eval_batches` carry them past unreadable files (`repair`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import numpy as np
 import tensorflow as tf
-from absl import logging
 
-from imagenet_jax import storage
 from imagenet_jax.data import preprocess, randaugment
+from imagenet_jax.data.order import Sharding, eval_examples, train_examples
+from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
 
-_NUM_EPOCHS_UNBOUNDED = 2**40
-_NEUTRAL_RGB = (124, 116, 104)
-_MAX_RETRIES = 2  # a batch that fails with no bad example found is retried this often
 READ_BATCH = 64   # records per read call for sources with `read_batch`
 
 
@@ -58,93 +42,6 @@ def dataset_options() -> tf.data.Options:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sharding:
-    """Which slice of each global batch this process builds."""
-
-    global_batch_size: int
-    process_index: int = 0
-    process_count: int = 1
-
-    def __post_init__(self):
-        if self.global_batch_size % self.process_count:
-            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by "
-                             f"the number of processes ({self.process_count})")
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.global_batch_size // self.process_count
-
-    def local_positions(self, num_batches: int) -> np.ndarray:
-        """This process's positions within `num_batches` global batches, in order."""
-        positions = np.arange(num_batches * self.global_batch_size, dtype=np.int64)
-        per_batch = positions.reshape(num_batches, self.process_count, self.local_batch_size)
-        return per_batch[:, self.process_index].reshape(-1)
-
-
-def steps_per_epoch(source: Source, global_batch_size: int) -> int:
-    """Full global batches in one pass over the training split (the remainder is dropped)."""
-    return source.num_examples("train") // global_batch_size
-
-
-@dataclasses.dataclass(frozen=True)
-class Repairs:
-    """What the pipeline learned about the files its JPEG path cannot read.
-
-    A repaired example is never read again: its index is redirected to `readable` (an
-    example known to read), and its image bytes and label come from here.
-    """
-
-    converted: dict[int, bytes] = dataclasses.field(default_factory=dict)  # index -> JPEG
-    skipped: frozenset[int] = frozenset()  # unreadable: neutral image, mask False
-    labels: dict[int, int] = dataclasses.field(default_factory=dict)  # of converted ones
-    readable: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.converted or self.skipped)
-
-    def __contains__(self, index: int) -> bool:
-        return index in self.converted or index in self.skipped
-
-
-def _neutral_jpeg() -> bytes:
-    """What a skipped example looks like: the mean ImageNet pixel, which normalises to
-    ~0, so it barely moves the BatchNorm statistics of its batch."""
-    pixels = tf.broadcast_to(tf.constant(_NEUTRAL_RGB, tf.uint8), [8, 8, 3])
-    return tf.io.encode_jpeg(pixels, quality=95).numpy()
-
-
-def _table(keys: list[int], values: list, default, dtype: tf.DType) -> tf.lookup.StaticHashTable:
-    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(keys, tf.int64), tf.constant(values, dtype)), default_value=default)
-
-
-def repaired_reader(read: Callable, repairs: Repairs) -> Callable:
-    """In-graph index -> (image bytes, label, mask), with `repairs` applied by table
-    lookups and selects, no branch; just `read` when there is nothing to repair. Works
-    elementwise: on one index with `Source.read`, on a vector with `read_batch`."""
-    if not repairs:
-        return lambda index: (*read(index), tf.ones_like(index, tf.bool))
-    neutral = _neutral_jpeg()
-    keys = sorted(repairs.converted.keys() | repairs.skipped)
-    images = _table(keys, [repairs.converted.get(k, neutral) for k in keys], "", tf.string)
-    labels = _table(keys, [repairs.labels.get(k, 0) for k in keys], -1, tf.int64)
-    skipped = tf.constant(sorted(repairs.skipped) or [-1], tf.int64)
-
-    def read_repaired(index):
-        index = tf.cast(index, tf.int64)
-        label = labels.lookup(index)
-        repaired = label >= 0
-        image_bytes, read_label = read(tf.where(repaired, tf.constant(repairs.readable,
-                                                                      tf.int64), index))
-        image_bytes = tf.where(repaired, images.lookup(index), image_bytes)
-        label = tf.where(repaired, label, tf.cast(read_label, tf.int64))
-        readable = tf.reduce_all(tf.not_equal(tf.expand_dims(index, -1), skipped), axis=-1)
-        return image_bytes, tf.cast(label, read_label.dtype), readable
-
-    return read_repaired
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainSpec:
     """The training pipeline's parameters: everything its batches depend on."""
 
@@ -163,30 +60,6 @@ class TrainSpec:
             return self.image_sizes[0] if self.image_sizes else self.image_size
         sizes = tf.constant(self.image_sizes, tf.int32)
         return sizes[tf.minimum(tf.cast(epoch, tf.int32), len(self.image_sizes) - 1)]
-
-
-def train_examples(source: Source, sharding: Sharding, seed: int,
-                   start_step: int = 0) -> tf.data.Dataset:
-    """(epoch, index) of every example this process reads, endlessly, from `start_step`."""
-    num_examples = source.num_examples("train")
-    batches_per_epoch = steps_per_epoch(source, sharding.global_batch_size)
-    if batches_per_epoch == 0:
-        raise ValueError(f"the training split has {num_examples} examples, fewer than one "
-                         f"global batch of {sharding.global_batch_size}")
-    local_positions = tf.constant(sharding.local_positions(batches_per_epoch))
-
-    def epoch_examples(epoch):
-        # A stable sort of random 64-bit keys: a permutation fixed by (seed, epoch).
-        keys = tf.random.stateless_uniform([num_examples], seed=tf.stack([seed, epoch]),
-                                           minval=None, maxval=None, dtype=tf.int64)
-        permutation = tf.argsort(keys, stable=True)
-        indices = tf.gather(permutation, local_positions)
-        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
-
-    start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
-    examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
-    # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
-    return examples.skip(step_in_epoch * sharding.local_batch_size)
 
 
 def train_decoder(spec: TrainSpec) -> Callable[..., dict]:
@@ -258,19 +131,6 @@ def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: 
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
-def num_eval_batches(source: Source, split: str, global_batch_size: int) -> int:
-    return math.ceil(source.num_examples(split) / global_batch_size)
-
-
-def eval_examples(source: Source, sharding: Sharding, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """This process's example indices for evaluating `split`, and which are real (not
-    padding): every process gets the same number of whole batches."""
-    num_examples = source.num_examples(split)
-    positions = sharding.local_positions(num_eval_batches(source, split,
-                                                          sharding.global_batch_size))
-    return np.minimum(positions, num_examples - 1), positions < num_examples
-
-
 def eval_decoder(image_size: int, crop_ratio: float) -> Callable[..., dict]:
     """(index, valid, image bytes, label, readable) -> one evaluation example."""
     def decode(index, valid, image_bytes, label, readable):
@@ -313,115 +173,6 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
         ds = ds.map(lambda valid, index: load(index, valid), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadRetry:
-    """How often a failing file read is tried before its image counts as unreadable:
-    `attempts` tries, waiting `delay_s`, then twice that, and so on, in between."""
-
-    attempts: int = 1
-    delay_s: float = 0.0
-
-    def __call__(self, read: Callable, what: str):
-        return storage.retry(read, attempts=self.attempts, delay_s=self.delay_s, what=what)
-
-
-class SkippingBatches(Iterator[dict]):
-    """Numpy batches of a pipeline, carried past the files its JPEG path cannot read.
-
-    `build(position, repairs)` makes the pipeline from batch `position` on;
-    `examples_at(position)` lists that batch's examples as (example index, arguments of
-    `load`); `load(*args)` reads one example as the pipeline would, without repairs; and
-    `read(index)` returns an example's raw file bytes and label. When a batch fails, each of
-    its examples is loaded on its own: a file that fails but decodes as another format
-    is converted to JPEG, one that does not is skipped, and the pipeline is rebuilt at
-    the failing batch with the new repairs.
-    """
-
-    def __init__(self, build: Callable[[int, Repairs], tf.data.Dataset],
-                 examples_at: Callable[[int], list[tuple[int, tuple]]], load: Callable[..., dict],
-                 read: Callable[[int], tuple[tf.Tensor, tf.Tensor]],
-                 describe: Callable[[int], str],
-                 start: int = 0, retry: ReadRetry = ReadRetry()):
-        self._build, self._examples_at, self._load = build, examples_at, load
-        self._read, self._describe = read, describe
-        self._retry = retry
-        self._position = start
-        self.repairs = Repairs()
-        self._unreported: dict[int, str] = {}
-        self._iterator = iter(build(start, self.repairs).as_numpy_iterator())
-        self._retries = 0
-
-    def __next__(self) -> dict:
-        while True:
-            try:
-                batch = next(self._iterator)
-            except tf.errors.OpError as error:
-                self._recover(error)
-                continue
-            self._position += 1
-            self._retries = 0
-            return batch
-
-    def _recover(self, error: tf.errors.OpError) -> None:
-        repairs = self.repairs
-        converted, labels = dict(repairs.converted), dict(repairs.labels)
-        skipped, readable = set(repairs.skipped), None
-        for index, args in self._examples_at(self._position):
-            if index in repairs:
-                continue
-            if self._loads(args):
-                readable = index if readable is None else readable
-                continue
-            try:  # Is it the file that cannot be read (retried: storage can falter) ...
-                image_bytes, label = self._retry(lambda i=index: self._read(i),
-                                                 f"reading {self._describe(index)}")
-            except Exception as e:  # noqa: BLE001 - eager reads raise the store's own errors too
-                self._skip(index, e, skipped)
-                continue
-            readable = index if readable is None else readable  # its raw read works
-            if self._loads(args):  # ... for a while only: nothing to repair.
-                continue
-            try:  # ... or its format: another one, converted to JPEG once, or none.
-                converted[index] = preprocess.to_jpeg(image_bytes).numpy()
-                labels[index] = int(label)
-                logging.info("Converted %s to JPEG: not a JPEG the fast path reads",
-                             self._describe(index))
-            except tf.errors.OpError as e:
-                self._skip(index, e, skipped)
-        if converted.keys() == repairs.converted.keys() and skipped == repairs.skipped:
-            self._retries += 1
-            if self._retries > _MAX_RETRIES:
-                raise error
-            logging.warning("Input batch %d failed with no unreadable image found; "
-                            "retrying: %s", self._position, error.message[:200])
-        if readable is None and not repairs:
-            raise error  # not one file of the batch can even be read: a bad source
-        self.repairs = Repairs(converted, frozenset(skipped), labels,
-                               repairs.readable if repairs else readable)
-        self._iterator = iter(self._build(self._position, self.repairs).as_numpy_iterator())
-
-    def _skip(self, index: int, error: Exception, skipped: set[int]) -> None:
-        skipped.add(index)
-        self._unreported[index] = f"{self._describe(index)} ({type(error).__name__})"
-        logging.info("Skipping unreadable image %s", self._unreported[index])
-
-    def _loads(self, args: tuple) -> bool:
-        try:
-            self._load(*args)
-            return True
-        except Exception:  # noqa: BLE001 - an OpError, or a store's error from an eager read
-            return False
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.repairs.skipped)
-
-    def take_report(self) -> dict[int, str]:
-        """The examples skipped since the last report: index -> where it lives and why."""
-        report, self._unreported = self._unreported, {}
-        return report
 
 
 def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor, tf.Tensor]]:

@@ -1,0 +1,87 @@
+"""Which examples each process reads, in which order: a pure function of (seed, step).
+
+Epoch `e` visits a permutation of the training set drawn from (seed, e), and global
+batch `b` is positions [b*G, (b+1)*G) of it, of which process `p` reads the contiguous
+slice [p*L, (p+1)*L) (G global, L = G / processes). So 1 process or 8, 1 device or 8,
+the model sees the same global batches; and a run resumed at step s starts the order at
+s instead of replaying the data before it. Evaluation reads each example of a split
+once, padded to whole global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from imagenet_jax.data.sources import Source
+
+_NUM_EPOCHS_UNBOUNDED = 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """Which slice of each global batch this process builds."""
+
+    global_batch_size: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.global_batch_size % self.process_count:
+            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by "
+                             f"the number of processes ({self.process_count})")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    def local_positions(self, num_batches: int) -> np.ndarray:
+        """This process's positions within `num_batches` global batches, in order."""
+        positions = np.arange(num_batches * self.global_batch_size, dtype=np.int64)
+        per_batch = positions.reshape(num_batches, self.process_count, self.local_batch_size)
+        return per_batch[:, self.process_index].reshape(-1)
+
+
+def steps_per_epoch(source: Source, global_batch_size: int) -> int:
+    """Full global batches in one pass over the training split (the remainder is dropped)."""
+    return source.num_examples("train") // global_batch_size
+
+
+def train_examples(source: Source, sharding: Sharding, seed: int,
+                   start_step: int = 0) -> tf.data.Dataset:
+    """(epoch, index) of every example this process reads, endlessly, from `start_step`."""
+    num_examples = source.num_examples("train")
+    batches_per_epoch = steps_per_epoch(source, sharding.global_batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(f"the training split has {num_examples} examples, fewer than one "
+                         f"global batch of {sharding.global_batch_size}")
+    local_positions = tf.constant(sharding.local_positions(batches_per_epoch))
+
+    def epoch_examples(epoch):
+        # A stable sort of random 64-bit keys: a permutation fixed by (seed, epoch).
+        keys = tf.random.stateless_uniform([num_examples], seed=tf.stack([seed, epoch]),
+                                           minval=None, maxval=None, dtype=tf.int64)
+        permutation = tf.argsort(keys, stable=True)
+        indices = tf.gather(permutation, local_positions)
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
+
+    start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
+    examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
+    # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
+    return examples.skip(step_in_epoch * sharding.local_batch_size)
+
+
+def num_eval_batches(source: Source, split: str, global_batch_size: int) -> int:
+    return math.ceil(source.num_examples(split) / global_batch_size)
+
+
+def eval_examples(source: Source, sharding: Sharding, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """This process's example indices for evaluating `split`, and which are real (not
+    padding): every process gets the same number of whole batches."""
+    num_examples = source.num_examples(split)
+    positions = sharding.local_positions(num_eval_batches(source, split,
+                                                          sharding.global_batch_size))
+    return np.minimum(positions, num_examples - 1), positions < num_examples
