@@ -16,21 +16,8 @@ Expected:  top-1 about 0.761 (torchvision's reference weights; the Flax example 
            0.765). Not yet measured with imagenet_jax.
 """
 
-from imagenet_jax.config import base_config
+from imagenet_jax.config import resnet_recipe
 
 
 def get_config():
-    config = base_config()
-    config.model = "resnet50"
-    config.dataset = "folder:~/data/imagenet"
-    config.batch_size = 1024
-    config.eval_batch_size = 1000
-    config.num_epochs = 90.0
-    config.learning_rate = 0.1
-    config.warmup_epochs = 5.0
-    config.weight_decay = 1e-4
-    config.label_smoothing = 0.1
-    config.batchnorm_group_examples = 32
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2000
-    return config
+    return resnet_recipe("resnet50")

@@ -3,8 +3,10 @@
 Recipe:    SGD, Nesterov momentum 0.9, lr 0.1 per 256 images scaled linearly with the
            batch, 5 warmup epochs then cosine to 0, 90 epochs, weight decay 1e-4 on
            kernels only, label smoothing 0.1, random-resized crop 224 + flip, eval
-           centre crop 224 of 256. Sources: He et al. 2015, "Deep Residual Learning";
-           Goyal et al. 2017, "Accurate, Large Minibatch SGD"; the Flax ImageNet example.
+           centre crop 224 of 256, BatchNorm statistics over groups of 32 examples
+           (Goyal et al.'s per-worker batch; `batchnorm_group_examples`). Sources: He et
+           al. 2015, "Deep Residual Learning"; Goyal et al. 2017, "Accurate, Large
+           Minibatch SGD"; the Flax ImageNet example.
            For the original step schedule: --config.lr_schedule=step (x0.1 at 30, 60, 80).
 Command:   imagenet-jax train --config=configs/resnext50_32x4d.py --workdir=runs/resnext50_32x4d \
                --config.dataset=folder:/path/to/imagenet
@@ -14,14 +16,8 @@ Expected:  top-1 about 0.776 (torchvision's reference weights; not yet measured 
            imagenet_jax).
 """
 
-import pathlib
-import runpy
-
-# The recipe is ResNet-50's (configs/resnet50.py); only the architecture changes.
-_RESNET50 = runpy.run_path(str(pathlib.Path(__file__).with_name("resnet50.py")))
+from imagenet_jax.config import resnet_recipe
 
 
 def get_config():
-    config = _RESNET50["get_config"]()
-    config.model = "resnext50_32x4d"
-    return config
+    return resnet_recipe("resnext50_32x4d")

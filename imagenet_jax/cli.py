@@ -105,7 +105,8 @@ def _define_flags() -> None:
         lock_config=True)
     flags.DEFINE_string(
         "workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and the resolved "
-        "config go here; re-running on it resumes. Default: runs/<config file name>.")
+        "config go here; re-running on it resumes. Default: runs/<config file name>, "
+        "runs/<name>_<ARG> for --config=FILE:ARG.")
     flags.DEFINE_bool("json", False, "models, bench, eval: print JSON instead of a table.")
     flags.DEFINE_integer("step", None, "eval, predict, export: the checkpoint's step. "
                          "Default: the latest.")
@@ -157,8 +158,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
+        _fail(_flag_error_message(e))
     return []
+
+
+def _flag_error_message(error: flags.Error) -> str:
+    """One line. A ConfigError raised by a config file's get_config (a bad ARCH in
+    --config=FILE:ARCH) is reported as its own message: config_flags re-raises it with the
+    traceback in the text, so the first one raised is the one that reads well."""
+    from imagenet_jax.spec import ConfigError
+
+    first_config_error = None
+    cause = error.__context__
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            first_config_error = cause
+        cause = cause.__context__
+    if first_config_error is not None:
+        return f"config: {first_config_error}"
+    return str(error).replace("\n", " ")
+
+
+def _default_workdir(config_argument: str) -> str:
+    """runs/<config file name>, or runs/<name>_<ARG> for FILE:ARG, so that the variants of
+    one parameterised config (configs/resnet.py:resnet101) do not share a workdir."""
+    path, _, argument = config_argument.partition(":")
+    name = Path(path).stem
+    if argument:
+        name += "_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in argument)
+    return str(Path("runs") / name)
 
 
 def _use_compilation_cache(fresh: bool = False) -> None:
@@ -261,8 +289,7 @@ def train(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.FIELD=VALUE")
     config = FLAGS.config
-    config_file = Path(config_flags.get_config_filename(FLAGS["config"]))
-    workdir = FLAGS.workdir or str(Path("runs") / config_file.stem)
+    workdir = FLAGS.workdir or _default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     log_file = _log_to_file("train")
     _join_job()
     import jax

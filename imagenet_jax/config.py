@@ -133,6 +133,35 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The ResNet family's recipes (configs/resnet.py:ARCH and one file each); they differ only
+# in the architecture.
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                "resnext50_32x4d", "wide_resnet50_2")
+
+
+def resnet_recipe(model: str) -> ml_collections.ConfigDict:
+    """The Goyal et al. (2017) recipe (configs/resnet50.py's docstring tells it) for `model`,
+    one of RESNET_ARCHS; ConfigError names the valid ones for any other."""
+    if model not in RESNET_ARCHS:
+        given = f"unknown ResNet architecture {model!r}" if model else "no ResNet architecture"
+        raise ConfigError(f"{given}; valid: {', '.join(RESNET_ARCHS)} "
+                          "(e.g. --config=configs/resnet.py:resnet101)")
+    c = base_config()
+    c.model = model
+    c.dataset = "folder:~/data/imagenet"
+    c.batch_size = 1024
+    c.eval_batch_size = 1000
+    c.num_epochs = 90.0
+    c.learning_rate = 0.1
+    c.warmup_epochs = 5.0
+    c.weight_decay = 1e-4
+    c.label_smoothing = 0.1
+    c.batchnorm_group_examples = 32  # Goyal et al.'s per-worker batch
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2000
+    return c
+
+
 # Fields older versions wrote that no longer exist, and why reading them back may drop them:
 # config_from_json serves evaluation, prediction and export, which they do not affect.
 RETIRED_FIELDS = {

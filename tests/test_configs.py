@@ -2,22 +2,29 @@
 
 import dataclasses
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, subprocess_env
 
 from imagenet_jax import models
-from imagenet_jax.config import base_config
+from imagenet_jax.config import RESNET_ARCHS, ConfigError, base_config, resnet_recipe
 from imagenet_jax.data import input as data_input
-from imagenet_jax.data import pipeline
+from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import recipe
 from imagenet_jax.train.steps import ClassMap
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+# configs/resnet.py:ARCH needs its ARCH; each one trains below as configs/ARCH.py, which
+# test_resnet_family_files_equal_the_parameterised_config proves the same config.
+PARAMETERISED_CONFIGS = {"resnet"}
 # Compiling a train step of these takes 20-70 s each on 2 CPU cores; the same code runs in
 # the default suite through resnet18 (BasicBlock) and resnet50 (Bottleneck, groups=1), and
 # inception_v3's graph is built and lowered there by test_models (parameters, GMACs).
@@ -31,14 +38,27 @@ SLOW_CONFIGS = {"resnet34", "resnet101", "resnet152", "wide_resnet50_2", "resnex
 # test pays for the recipe, not for compiling ResNet-50 three more times.
 RECIPE_CONFIGS = {"resnet50_mlperf", "resnet50_ffcv", "resnet50_rsb_a3"}
 CONFIG_PARAMS = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_CONFIGS
-                              else []) for p in CONFIGS]
+                              else []) for p in CONFIGS if p.stem not in PARAMETERISED_CONFIGS]
 
 
-def load_config(path: Path):
+def load_config(path: Path, *args: str):
+    """`path`'s get_config(*args), as --config=PATH[:ARG] gives it."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    """`imagenet-jax train ARGS` on 8 fake CPU devices, as tests/test_cli.py runs it."""
+    return subprocess.run([sys.executable, "-m", "imagenet_jax", "train", *args], cwd=REPO,
+                          env=subprocess_env(8), capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("imagenet-jax: error")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
 
 
 def test_every_config_documents_its_run():
@@ -47,6 +67,41 @@ def test_every_config_documents_its_run():
         text = path.read_text()
         for heading in ("Command:", "Hardware:", "Expected:"):
             assert heading in text, f"{path.name} lacks {heading!r} in its docstring"
+
+
+
+def test_resnet_family_files_equal_the_parameterised_config():
+    assert set(RESNET_ARCHS) <= set(models.names())
+    for arch in RESNET_ARCHS:
+        config = load_config(CONFIG_DIR / f"{arch}.py")
+        assert config.model == arch
+        assert config.to_dict() == load_config(CONFIG_DIR / "resnet.py", arch).to_dict(), arch
+
+
+def test_resnet_recipe_names_the_valid_architectures():
+    for bad in ("resnet19", ""):
+        with pytest.raises(ConfigError, match="valid: resnet18, resnet34, resnet50, resnet101"):
+            resnet_recipe(bad)
+
+
+def test_parameterised_config_through_the_cli(tmp_path):
+    # The config loads (ARCH reached get_config), then validation refuses the batch: proof
+    # enough that --config=FILE:ARCH parses, without building a model.
+    good = run_train("--config=configs/resnet.py:resnet18", "--config.batch_size=12",
+                     f"--workdir={tmp_path / 'good'}")
+    assert "batch_size=12 is not divisible by the number of devices (8)" in one_error_line(good)
+    bad = run_train("--config=configs/resnet.py:resnet19", f"--workdir={tmp_path / 'bad'}")
+    assert one_error_line(bad) == (
+        "imagenet-jax: error: config: unknown ResNet architecture 'resnet19'; valid: "
+        f"{', '.join(RESNET_ARCHS)} (e.g. --config=configs/resnet.py:resnet101)")
+    assert not (tmp_path / "good").exists() and not (tmp_path / "bad").exists()
+
+
+def test_default_workdir_keeps_the_config_argument():
+    from imagenet_jax.cli import _default_workdir
+
+    assert _default_workdir("configs/resnet50.py") == "runs/resnet50"
+    assert _default_workdir("configs/resnet.py:resnet101") == "runs/resnet_resnet101"
 
 
 @pytest.mark.parametrize("path", CONFIG_PARAMS)
@@ -70,7 +125,7 @@ def test_config_trains_one_step_and_evaluates(path, tiny_dataset):
     run = recipe.build(config, derived, mesh)
     initial = jax.device_get(run.state.params)
 
-    sharding = pipeline.Sharding(4)
+    sharding = order.Sharding(4)
     spec = data_input.train_spec(config)  # the config's crops, sizes and RandAugment
     train_data = pipeline.train_dataset(source, sharding, **dataclasses.asdict(spec))
     train_batch = next(train_data.as_numpy_iterator())
