@@ -8,7 +8,7 @@ batch grows, and a group held by one device costs no collective in the forward p
 `var`, so checkpoints and the torchvision mappings are unchanged) with a `num_groups`
 attribute:
 
-- 1 (the default): exactly `nnx.BatchNorm`: statistics over the whole (global) batch.
+- 1 (the default): nnx.BatchNorm's arithmetic: statistics over the whole (global) batch.
   Under `jax.jit` on a sharded batch, XLA all-reduces them across the devices.
 - G > 1, in training: the batch is cut into G equal consecutive blocks and each block is
   normalised with its own mean and variance. The batch is laid out block by block over
@@ -19,20 +19,17 @@ attribute:
   the group means): what G = 1 would record. One all-reduce of 2 x C floats per layer,
   which nothing downstream in the step waits for, so XLA may overlap it with the rest.
 
-Evaluation (`use_running_average`) is the same for every G.
+Training, for every G, is computed here with public jax ops in nnx.BatchNorm's order and
+dtypes (tests/test_private_apis.py holds one group equal to nnx.BatchNorm in float32,
+bfloat16 and float16). Evaluation (`use_running_average`) is nnx.BatchNorm's own, the
+same for every G.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-# flax's own statistics and normalisation, so that a group is normalised exactly as
-# nnx.BatchNorm would normalise a batch of that group's examples.
-from flax.nnx.nn.normalization import _canonicalize_axes, _compute_stats, _normalize
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -50,11 +47,13 @@ class BatchNorm(nnx.BatchNorm):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
         running = self.use_running_average if use_running_average is None else use_running_average
-        if running or (self.num_groups == 1 and not self.unbiased_running_var):
+        if running:
             return super().__call__(x, use_running_average, mask=mask)
-        if mask is not None:
-            raise ValueError("BatchNorm with num_groups > 1 or unbiased_running_var does not "
-                             "take a mask")
+        if mask is not None:  # nnx.BatchNorm's masked statistics, of the whole batch only
+            if self.num_groups > 1 or self.unbiased_running_var:
+                raise ValueError("BatchNorm with num_groups > 1 or unbiased_running_var does "
+                                 "not take a mask")
+            return super().__call__(x, use_running_average, mask=mask)
         return self._grouped(x)
 
     def _grouped(self, x: jax.Array) -> jax.Array:
@@ -63,26 +62,56 @@ class BatchNorm(nnx.BatchNorm):
         if x.shape[0] % groups:
             raise ValueError(f"BatchNorm: a batch of {x.shape[0]} does not split into "
                              f"{groups} groups")
-        grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        # Axis 0 is the group: features and the group keep their own statistics.
-        feature_axes = tuple(a + 1 for a in _canonicalize_axes(x.ndim, self.axis))
-        reduction_axes = tuple(a for a in range(1, grouped.ndim) if a not in feature_axes)
+        feature_axis = self.axis % x.ndim
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
-        grouped, _, _, scale, bias = self.promote_dtype(
-            (grouped, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-        mean, var = _compute_stats(grouped, reduction_axes, dtype=self.dtype,
-                                   use_fast_variance=self.use_fast_variance)
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        # Axis 0 is the group; every other axis but the features is reduced.
+        grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        reduction_axes = tuple(a for a in range(1, grouped.ndim) if a != feature_axis + 1)
+        mean, var = self._moments(grouped, reduction_axes)
         # The whole batch's moments from the groups' (equal sizes): the law of total variance.
         batch_mean = mean.mean(axis=0)
-        batch_var = var.mean(axis=0) + jnp.square(mean - batch_mean).mean(axis=0)
+        batch_var = var.mean(axis=0) + jax.lax.square(mean - batch_mean).mean(axis=0)
         if self.unbiased_running_var:
-            count = groups * math.prod(grouped.shape[a] for a in reduction_axes)
+            count = x.size // x.shape[feature_axis]
             batch_var = batch_var * (count / max(count - 1, 1))
-        self._update_running_averages(batch_mean, batch_var)
-        y = _normalize(grouped, mean, var, scale, bias, reduction_axes, feature_axes,
-                       self.dtype, self.epsilon)
+        self._update_running_averages(batch_mean.reshape(-1), batch_var.reshape(-1))
+        feature_shape = [1] * x.ndim
+        feature_shape[feature_axis] = x.shape[feature_axis]
+        y = self._normalize(grouped, mean, var, scale, bias, feature_shape)
         return y.reshape(x.shape)
+
+    def _moments(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """Mean and variance over `axes` (kept, as 1s), in float32 at least, as nnx.BatchNorm
+        computes them: E[x^2] - E[x]^2 clamped at 0 when `use_fast_variance`."""
+        dtype = x.dtype if self.dtype is None else self.dtype
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))
+        mean = x.mean(axes, keepdims=True)
+        if self.use_fast_variance:
+            mean_of_squares = jax.lax.square(x).mean(axes, keepdims=True)
+            var = jnp.maximum(0.0, mean_of_squares - jax.lax.square(mean))
+        else:
+            var = jax.lax.square(x - mean).mean(axes, keepdims=True)
+        return mean, var
+
+    def _normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array,
+                   scale: jax.Array | None, bias: jax.Array | None,
+                   feature_shape: list[int]) -> jax.Array:
+        """(x - mean) / sqrt(var + epsilon) * scale + bias in nnx.BatchNorm's order of
+        operations; the result in `dtype`, or the type of x, scale and bias together."""
+        y = x - mean
+        multiplier = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            multiplier = multiplier * scale.reshape(feature_shape)
+        y = y * multiplier
+        if bias is not None:
+            y = y + bias.reshape(feature_shape)
+        dtype = self.dtype
+        if dtype is None:
+            dtype = jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+        return y.astype(dtype)
 
     def _update_running_averages(self, mean: jax.Array, var: jax.Array) -> None:
         momentum = self.momentum

@@ -54,8 +54,18 @@ def _on_cloud_tpu_vm() -> bool:
     even a single-host VM's one-process job is harmless, and on a pod slice it is what
     lets every host agree on a preemption checkpoint."""
     try:
-        from jax._src.clusters import cloud_tpu_cluster  # private: guard against moves
-        return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
+        # The project's one private JAX import (tests/test_private_apis.py pins it). No
+        # public call asks whether a cluster is present: `jax.distributed.initialize()`
+        # detects and joins in one step, and its error when nothing is detected cannot be
+        # told from a failure to join.
+        from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+    except ImportError as e:
+        logging.warning("Cannot detect a Cloud TPU VM (%s: JAX moved GceTpuCluster; update "
+                        "imagenet_jax/parallel/distributed.py). Pass --coordinator_address, "
+                        "--num_processes and --process_id to join a pod slice.", e)
+        return False
+    try:
+        return bool(GceTpuCluster.is_env_present())
     except Exception:  # noqa: BLE001 - no detection means no cluster, never a crash
         return False
 
