@@ -51,11 +51,16 @@
       two floors on the same files (read only; read and fully decode), each the median
       of --repeats passes after one warm-up pass; host memory. --json: one JSON object.
   imagenet-jax prepare --manual_dir=DIR [--data_dir=DIR] [--allow_partial]
+                       [--max_size=N [--quality=Q]]
+  imagenet-jax prepare --folder=DIR --out=NEW_DIR --max_size=N [--quality=Q]
       Prepares ImageNet-2012 for TensorFlow Datasets (ArrayRecord files) from the official
       ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in --manual_dir (download them
       from image-net.org after registering), offline; hours for the full dataset. Split
       sizes other than 1,281,167 train and 50,000 validation images are an error unless
-      --allow_partial. Already prepared: only checks the counts.
+      --allow_partial. Already prepared: only checks the counts. --max_size=N writes the
+      images downscaled to at most N pixels on their longer side (JPEG --quality, default
+      90), a smaller store that decodes faster, into its own --data_dir. With --folder,
+      writes such a copy of an image folder to --out instead.
 
 Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
 one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
@@ -114,7 +119,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("weights", None, "import: torchvision weights, .safetensors (or "
                         ".pth/.pt with torch installed).")
     flags.DEFINE_string("out", None, "export: the .safetensors file to write. plot: the PNG "
-                        "(default: the first WORKDIR's curves.png).")
+                        "(default: the first WORKDIR's curves.png). prepare --folder: the "
+                        "new folder.")
     flags.DEFINE_integer("top", 5, "predict: classes shown per image.")
     flags.DEFINE_list("eval", None, "eval: the evaluation sets, comma-separated, e.g. "
                       "tfds:imagenet2012,tfds:imagenet_v2/matched-frequency. Default: the "
@@ -147,6 +153,11 @@ def _define_flags() -> None:
                         "Default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
     flags.DEFINE_bool("allow_partial", False, "prepare: accept split sizes other than "
                       "ImageNet-2012's (a subset), with a warning instead of an error.")
+    flags.DEFINE_integer("max_size", None, "prepare: downscale the images so their longer "
+                         "side is at most this many pixels (a faster, smaller store).")
+    flags.DEFINE_integer("quality", 90, "prepare: JPEG quality of the downscaled images.")
+    flags.DEFINE_string("folder", None, "prepare: an image folder to copy downscaled "
+                        "(with --out and --max_size) instead of preparing ImageNet for TFDS.")
 
 
 def _fail(message: str) -> None:
@@ -535,18 +546,45 @@ def _bench_scaling() -> None:
 def prepare(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; usage: imagenet-jax prepare "
-              "--manual_dir=DIR [--data_dir=DIR] [--allow_partial]")
+              "--manual_dir=DIR [--data_dir=DIR] [--allow_partial] [--max_size=N], or "
+              "--folder=DIR --out=NEW_DIR --max_size=N")
+    from imagenet_jax.data.downscale import Store, copy_folder
+
+    store = None
+    if FLAGS.max_size is not None or FLAGS["quality"].present:
+        if FLAGS.max_size is None:
+            _fail("--quality is the JPEG quality of downscaled images: give --max_size=N too")
+        try:
+            store = Store(FLAGS.max_size, FLAGS.quality)
+        except ValueError as e:
+            _fail(str(e))
+    if FLAGS.folder:
+        if FLAGS.manual_dir or FLAGS.data_dir or FLAGS.allow_partial:
+            _fail("--folder copies an image folder; --manual_dir, --data_dir and "
+                  "--allow_partial prepare ImageNet for TFDS: give one or the other")
+        if not FLAGS.out or store is None:
+            _fail("prepare --folder=DIR needs --out=NEW_DIR and --max_size=N")
+        try:
+            count = copy_folder(FLAGS.folder, FLAGS.out, store)
+        except (FileNotFoundError, FileExistsError) as e:
+            _fail(str(e))
+        print(f"{FLAGS.out}: {count:,} images from {FLAGS.folder} ({store.describe()})")
+        return
+    if FLAGS.out:
+        _fail("--out is the new folder of `prepare --folder`; TFDS writes to --data_dir")
     if not FLAGS.manual_dir:
         _fail("prepare needs --manual_dir=DIR, the folder holding ILSVRC2012_img_train.tar "
-              "and ILSVRC2012_img_val.tar")
+              "and ILSVRC2012_img_val.tar (or --folder=DIR to copy an image folder)")
     from imagenet_jax.data.prepare import PrepareError, prepare_imagenet2012
 
     try:
         counts = prepare_imagenet2012(FLAGS.manual_dir, FLAGS.data_dir,
-                                      allow_partial=FLAGS.allow_partial)
+                                      allow_partial=FLAGS.allow_partial, store=store)
     except PrepareError as e:
         _fail(str(e))
-    print("imagenet2012 prepared: " + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
+    how = f" ({store.describe()})" if store else ""
+    print(f"imagenet2012 prepared{how}: "
+          + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
 
 
 COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "import": import_weights,
@@ -567,7 +605,8 @@ COMMAND_FLAGS = {
     "models": ("json",),
     "bench": ("config", "config.*", "mode", "steps", "warmup_steps", "repeats",
               "device_counts", "json", *_JOB),
-    "prepare": ("manual_dir", "data_dir", "allow_partial"),
+    "prepare": ("manual_dir", "data_dir", "allow_partial", "max_size", "quality", "folder",
+                "out"),
 }
 
 

@@ -7,7 +7,8 @@ import sys
 from conftest import REPO, subprocess_env
 
 FIELDS = ("images_per_sec", "device_images_per_sec", "eval_images_per_sec",
-          "floor_read_images_per_sec", "floor_decode_images_per_sec", "host_rss_mb")
+          "floor_read_images_per_sec", "floor_decode_images_per_sec", "read_one_reader_per_sec",
+          "read_scaling", "host_rss_mb")
 
 
 def test_bench_input_prints_json_with_pipeline_and_floors(tiny_dataset):
@@ -27,6 +28,8 @@ def test_bench_input_prints_json_with_pipeline_and_floors(tiny_dataset):
     assert abs(figures["images_per_sec"] - runs[1]) <= 1e-6 * runs[1]
     # Ratios are medians of per-round ratios.
     assert figures["vs_floor_decode"] == sorted(figures["vs_floor_decode_runs"])[1]
+    assert figures["read_scaling"] == sorted(figures["read_scaling_runs"])[1]
+    assert figures["source"] == "folder"
     # Reading bytes is cheaper than reading and decoding them, whatever the noise.
     assert figures["floor_read_images_per_sec"] > figures["floor_decode_images_per_sec"]
 

@@ -11,13 +11,19 @@ of training) and with the same tf.data parallelism and options:
                              in index order;
   floor_read_images_per_sec  read every file's bytes, nothing else;
   floor_decode_images_per_sec  read and fully decode every file to RGB uint8 with
-                             `tf.io.decode_jpeg`, yielding only the decoded shape.
+                             `tf.io.decode_jpeg`, yielding only the decoded shape;
+  read_one_reader_per_sec    the read floor with one reader (`num_parallel_calls=1`):
+                             `read_scaling` is the read floor over this, how the
+                             reads scale with the host's cores (1.0: serialised, e.g.
+                             on Python's GIL; the number of cores: perfectly).
 
 Each figure is the median of `repeats` timed passes after `warmup` untimed ones
 (which also bring the files into the page cache: this measures the CPU, not the
-disk). The passes go round-robin over the measurements, and the ratios
-(`vs_floor_decode`, `device_vs_host`) are medians of the ratios within each round, so
-a slow spell of a shared machine falls on both sides of a ratio alike.
+disk). A pass's clock stops at its last element, before the iterator is released (a
+finished tf.data iterator can take a second to tear down). The passes go round-robin
+over the measurements, and the ratios (`vs_floor_decode`, `device_vs_host`,
+`read_scaling`) are medians of the ratios within each round, so a slow spell of a
+shared machine falls on both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from imagenet_jax.data import order, pipeline, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
 from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.spec import parse_dataset
 from imagenet_jax.train import recipe
 
 
@@ -84,6 +91,9 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
                                                         read_only=True), num_images),
         "floor_decode_images_per_sec": (functools.partial(floor_dataset, source, indices,
                                                           read_only=False), num_images),
+        "read_one_reader_per_sec": (functools.partial(floor_dataset, source, indices,
+                                                      read_only=True, parallelism=1),
+                                    num_images),
     }
     seconds = {name: [] for name in measurements}
     rss_mb = []
@@ -104,6 +114,8 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
                                "vs_floor_decode"))
     result.update(round_ratios(seconds, "device_images_per_sec", "images_per_sec",
                                "device_vs_host"))
+    result.update(round_ratios(seconds, "floor_read_images_per_sec", "read_one_reader_per_sec",
+                               "read_scaling"))
     result.update(host_memory_mb())
     result["host_rss_mb_after_each_round"] = rss_mb  # flat when memory is bounded
     return result
@@ -116,9 +128,11 @@ def round_ratios(seconds: dict[str, list[float]], numerator: str, denominator: s
     return {name: float(np.median(ratios)), f"{name}_runs": ratios}
 
 
-def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool) -> Iterator:
+def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool,
+                  parallelism: int = tf.data.AUTOTUNE) -> Iterator:
     """The floors: the same examples read (and decoded whole), read the way the pipeline
-    reads them (in batches when the source can), with the pipeline's options."""
+    reads them (in batches when the source can), with the pipeline's options, by
+    `parallelism` concurrent calls (tf.data's choice by default)."""
     def decode(image_bytes):
         image = tf.cond(tf.io.is_jpeg(image_bytes),
                         lambda: tf.io.decode_jpeg(image_bytes, channels=3),
@@ -130,28 +144,33 @@ def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool) -> It
     ds = tf.data.Dataset.from_tensor_slices(indices)
     if read_batch := pipeline.batch_reader(source, "train"):
         ds = ds.batch(pipeline.READ_BATCH).map(lambda i: read_batch(i)[0],
-                                               num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+                                               num_parallel_calls=parallelism).unbatch()
+        ds = ds.map(finish, num_parallel_calls=parallelism)
     else:  # one map, as the pipeline reads and decodes in one map
         read = source.read("train")
-        ds = ds.map(lambda i: finish(read(i)[0]), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda i: finish(read(i)[0]), num_parallel_calls=parallelism)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline.dataset_options())
     return ds.as_numpy_iterator()
 
 
 def time_pass(make: Callable[[], Iterator], *, block: bool) -> float:
-    """Seconds to build the iterator and drain it (waiting for each device batch if `block`)."""
+    """Seconds to build the iterator and drain it (waiting for each device batch if
+    `block`); the iterator is released after the clock stops."""
     start = time.perf_counter()
-    for item in make():
+    iterator, item = make(), None
+    for item in iterator:
         if block:
             jax.block_until_ready(item)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    del iterator, item  # tear-down (tf.data's threads, device buffers) outside the clock
+    return elapsed
 
 
 def describe(config: ml_collections.ConfigDict, source: Source, sharding: order.Sharding,
              indices: np.ndarray, batches: int, repeats: int, warmup: int) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
+        "source": parse_dataset(config.dataset)[0],  # what was read: folder, tfds or demo
         "image_size": config.image_size,
         "global_batch_size": sharding.global_batch_size,
         "processes": sharding.process_count,

@@ -5,6 +5,11 @@ the official tars from a folder (its "manual_dir") and writes the prepared datas
 under `data_dir/imagenet2012/<version>/`, here in ArrayRecord format so that
 `tfds_source.TfdsSource` can read any example by its index. Every missing input is
 reported before anything runs; the full build takes hours and about 160 GiB.
+
+With a `downscale.Store`, the images are written downscaled (their longer side at
+most N pixels, re-encoded as JPEG): a smaller, faster copy, prepared into its own
+data_dir. Its `metadata.json` records how (`STORE_KEY`), so the copy is never taken for
+the original: `tfds_source` names it and gives it its own fingerprint.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 from absl import logging
+
+from imagenet_jax.data.downscale import Store, parallel_map
+from imagenet_jax.data.tfds_source import STORE_KEY, read_store
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"   # 138 GiB: one tar per class, <wnid>.tar
 VAL_TAR = "ILSVRC2012_img_val.tar"       # 6.3 GiB: 50,000 images, labelled by TFDS
@@ -32,19 +40,23 @@ class PrepareError(Exception):
 
 
 def prepare_imagenet2012(manual_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
-                         *, allow_partial: bool = False) -> dict[str, int]:
+                         *, allow_partial: bool = False, store: Store | None = None
+                         ) -> dict[str, int]:
     """Builds imagenet2012 in `data_dir` (TFDS's default when None); returns split -> count.
 
     A dataset already prepared there is reused, only its counts are checked. Counts
     other than ImageNet's 1,281,167 train and 50,000 validation images raise
     PrepareError, or log a warning when `allow_partial` (for subsets and tests).
+    `store`: write the images downscaled (see `downscale`); a data_dir already holding
+    imagenet2012 written otherwise (original, or another store) is an error.
     """
     manual_dir = Path(manual_dir).expanduser()
-    builder = tfds.builder("imagenet2012", data_dir=_optional_path(data_dir))
+    builder = _builder(_optional_path(data_dir), store)
     if builder.is_prepared():
         logging.info("imagenet2012 is already prepared in %s; checking its counts",
                      builder.data_dir)
         _require_array_record(builder)
+        _require_store(builder.data_dir, store)
     else:
         logging.info("Checking the manual download in %s and the data_dir", manual_dir)
         tars = check_manual_download(manual_dir)
@@ -89,6 +101,48 @@ def check_data_dir(data_dir: Path, needed_bytes: int) -> None:
     if free < needed:
         raise PrepareError(f"data_dir {data_dir} has {free / 1e9:.1f} GB free; the prepared "
                            f"dataset needs about {needed / 1e9:.1f} GB")
+
+
+def _require_store(dataset_dir: str, store: Store | None) -> None:
+    found, wanted = read_store(dataset_dir), store.describe() if store else None
+    if found != wanted:
+        raise PrepareError(
+            f"{dataset_dir} holds imagenet2012 "
+            f"{f'downscaled ({found})' if found else 'at its original size'}, not "
+            f"{f'downscaled ({wanted})' if wanted else 'at its original size'}; prepare "
+            "each version into its own --data_dir")
+
+
+def _builder(data_dir: str | None, store: Store | None):
+    """TFDS's imagenet2012 builder, or with `store` one whose examples are downscaled
+    (same name, features and splits: read back as imagenet2012 from its data_dir)."""
+    if store is None:
+        return tfds.builder("imagenet2012", data_dir=data_dir)
+    imagenet = tfds.builder_cls("imagenet2012")
+
+    class DownscaledImagenet(imagenet, skip_registration=True):
+        name = imagenet.name
+
+        def dataset_info_from_configs(self, **kwargs):
+            # Saved as metadata.json with the dataset, in the same atomic move.
+            metadata = tfds.core.MetadataDict({STORE_KEY: store.describe()})
+            return super().dataset_info_from_configs(metadata=metadata, **kwargs)
+
+        def _generate_examples(self, *args, **kwargs):
+            def downscaled(keyed):
+                key, example = keyed
+                return key, {**example, "image": store.downscale(example["image"])}
+
+            # The tars are read in order on this thread; the images downscaled on all cores.
+            def read(examples):
+                for key, example in examples:
+                    image = example["image"]
+                    yield key, {**example, "image": image if isinstance(image, bytes)
+                                else image.read()}
+
+            yield from parallel_map(downscaled, read(super()._generate_examples(*args, **kwargs)))
+
+    return DownscaledImagenet(data_dir=data_dir)
 
 
 def _build(builder, manual_dir: Path, tars: list[str]) -> None:

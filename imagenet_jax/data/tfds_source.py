@@ -1,9 +1,16 @@
 """A prepared TensorFlow Datasets image-classification dataset as a `sources.Source`.
 
-Random access by index needs the dataset's ArrayRecord files: a record is read in
-Python (through `tf.numpy_function`) and parsed in the graph with the images left
-encoded, so decoding stays in our pipeline like for any other source. TFRecord files
-have no random access; such a dataset must be converted or prepared again.
+Random access by index needs the dataset's ArrayRecord files. Records are read by
+array_record's C++ reader (`ArrayRecordShards`: one reader per shard file, called from
+`tf.numpy_function` on a batch of indices) and parsed in the graph with the images left
+encoded, so decoding stays in our pipeline like for any other source. The C++ reader
+releases the GIL while it reads and decompresses, so tf.data's threads read in parallel;
+what holds the GIL is the call and copying each record into a Python `bytes`, a few
+microseconds a record (BENCHMARKS.md, "Reading TFDS records"). TFDS's own data source
+is not used to read: it starts a thread pool on every batched call and walks each
+index in Python, which serialised the reads on the GIL at about 15,000 records/s per
+host. TFRecord files have no random access; such a dataset must be converted or
+prepared again.
 
 The splits are "train" and "val"; "val" is the dataset's 'validation' split, or its
 'test' split when it has no 'validation'.
@@ -14,15 +21,73 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from etils import epath
 
 SPLITS = ("train", "val")
 IMAGENET = "imagenet2012"
+STORE_KEY = "imagenet_jax_store"  # metadata.json: how a copy was downscaled (prepare)
+
+
+class ArrayRecordShards:
+    """Random access to the records of one split's ArrayRecord shard files.
+
+    `read(indices)` returns the serialized records at those positions of the split (the
+    shards in order): each shard's positions go to its C++ reader in one call, which
+    reads them without holding the GIL. Readers open on first use (a host touches the
+    1,024 shards of ImageNet's train split within its first batches) and are safe to
+    share between threads.
+    """
+
+    # Random access: no read-ahead and no thread pool inside a call (tf.data's threads
+    # are the parallelism), as array_record advises for random reads.
+    READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+
+    def __init__(self, paths: list[str], lengths: list[int]):
+        self.paths = [os.fspath(path) for path in paths]
+        self._starts = np.cumsum([0, *lengths], dtype=np.int64)
+        self._readers: list[Any] = [None] * len(self.paths)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, indices: np.ndarray | list[int]) -> list[bytes]:
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"record indices must be in [0, {len(self)}); got "
+                             f"{indices.min()}..{indices.max()}")
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        positions = indices - self._starts[shards]
+        records: list[bytes] = [b""] * len(indices)
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            for k, record in zip(where, self._reader(shard).read(positions[where].tolist()),
+                                 strict=True):
+                records[k] = record
+        return records
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.read([index])[0]
+
+    def _reader(self, shard: int):
+        reader = self._readers[shard]
+        if reader is None:
+            with self._lock:
+                if (reader := self._readers[shard]) is None:
+                    reader = array_record_module.ArrayRecordReader(
+                        self.paths[shard], self.READER_OPTIONS)
+                    self._readers[shard] = reader
+        return reader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +101,9 @@ class TfdsSource:
     image_key: str
     label_key: str
     features: Any                 # tfds.features.FeaturesDict: parses a record in-graph
-    records: dict[str, Any]       # "train"/"val" -> random-access serialized records
+    records: dict[str, ArrayRecordShards]  # "train"/"val" -> serialized records
     shards: tuple[str, ...] = ()  # "split file records" per shard file: what is read
+    store: str | None = None      # a downscaled copy: how ('max_size=256,quality=90')
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +139,7 @@ class TfdsSource:
         """
         serialized_info = self.features.get_serialized_info()
         plain = {self.image_key: tf.string, self.label_key: tf.int64}
-        if any(getattr(serialized_info.get(key), "dtype", None) != dtype
+        if any(getattr(serialized_info.get(key), "tf_dtype", None) != dtype
                or getattr(serialized_info.get(key), "shape", None) != ()
                for key, dtype in plain.items()):
             return None
@@ -82,7 +148,7 @@ class TfdsSource:
                 self.label_key: tf.io.FixedLenFeature([], tf.int64)}
 
         def read_records(indices: np.ndarray) -> np.ndarray:
-            return np.asarray(records.__getitems__([int(i) for i in indices]), dtype=object)
+            return np.asarray(records.read(indices), dtype=object)
 
         def read_examples(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             serialized = tf.numpy_function(read_records, [indices], tf.string, stateful=False)
@@ -98,8 +164,7 @@ class TfdsSource:
         records = self.records[split]
         values = []
         for start in range(0, self.sizes[split], 1024):
-            chunk = records.__getitems__(list(range(start, min(start + 1024,
-                                                               self.sizes[split]))))
+            chunk = records.read(np.arange(start, min(start + 1024, self.sizes[split])))
             for record in chunk:
                 feature = tf.train.Example.FromString(record).features.feature[key]
                 values.append(list(feature.int64_list.value)
@@ -107,13 +172,14 @@ class TfdsSource:
         return values
 
     def fingerprint(self) -> str:
-        lines = [self.name, *self.class_names, *self.shards]
+        lines = [self.name, *self.class_names, *self.shards, *([self.store] if self.store else [])]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def describe(self, split: str, index: int) -> str:
         """E.g. 'imagenet2012 train[123] n01440764_10026.JPEG': the TFDS slice syntax,
         then the file name when the dataset records one."""
-        where = f"{self.name} {self.split_names[split]}[{index}]"
+        name = f"{self.name} ({self.store})" if self.store else self.name
+        where = f"{name} {self.split_names[split]}[{index}]"
         if "file_name" not in self.features:
             return where
         try:
@@ -143,9 +209,9 @@ def open_tfds(name: str, data_dir: str | None = None,
     info = builder.info
     image_key, label_key = _feature_keys(name, info)
     split_names = _split_names(name, info, splits)
-    records = {split: builder.as_data_source(
-        split_names[split], file_format="array_record",
-        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES) for split in splits}
+    records = {split: ArrayRecordShards(info.splits[split_names[split]].filepaths,
+                                        info.splits[split_names[split]].shard_lengths)
+               for split in splits}
     return TfdsSource(
         name=name, class_names=tuple(info.features[label_key].names), split_names=split_names,
         sizes={split: info.splits[split_names[split]].num_examples for split in splits},
@@ -153,7 +219,17 @@ def open_tfds(name: str, data_dir: str | None = None,
         shards=tuple(f"{split} {filename} {length}" for split in splits
                      for filename, length in zip(info.splits[split_names[split]].filenames,
                                                  info.splits[split_names[split]].shard_lengths,
-                                                 strict=True)))
+                                                 strict=True)),
+        store=read_store(builder.data_dir))
+
+
+def read_store(dataset_dir: str | os.PathLike) -> str | None:
+    """How the dataset prepared in `dataset_dir` (its version folder) was downscaled, e.g.
+    'max_size=256,quality=90'; None for the images as they were downloaded."""
+    path = epath.Path(dataset_dir) / "metadata.json"  # also on gs://
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get(STORE_KEY)
 
 
 def _builder(name: str, data_dir: str | None):
