@@ -1,8 +1,13 @@
 """The cloud launchers under launch/, offline: shellcheck, the commands they would run
-(DRY_RUN=1, or stand-ins for gcloud, kubectl, srun and scontrol on PATH), the JobSet
-manifests they render, and the variables they refuse to run without."""
+(DRY_RUN=1, or stand-ins for gcloud, kubectl, srun and scontrol on PATH), what tpu_vm.sh's
+remote commands do on a simulated TPU VM, what a build of launch/gke/Dockerfile would put
+in the image, the JobSet manifests gke.sh renders, and the variables the launchers refuse
+to run without."""
 
+import dataclasses
 import os
+import posixpath
+import select
 import shlex
 import shutil
 import signal
@@ -11,6 +16,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -25,6 +31,8 @@ LAUNCHER_VARIABLES = (
     "MAX_RESTARTS SERVICE_ACCOUNT NAMESPACE TPU_ACCELERATOR TPU_TOPOLOGY CHIPS_PER_HOST "
     "NUM_HOSTS NUM_NODES GPUS_PER_NODE GPU_ACCELERATOR COORDINATOR_PORT VENV EXTRA_ARGS"
 ).split()
+# A stand-in's first line: append this call, its words quoted for shlex, to $CALLS.
+LOG_CALL = 'printf -v words "%q " {name} "$@"; echo "$words" >> "$CALLS"\n'
 
 
 def _shellcheck() -> str:
@@ -45,31 +53,42 @@ def _stub(folder: Path, name: str, body: str) -> None:
 
 
 def _env(tmp_path: Path, **variables: str) -> dict:
-    """The launchers' environment: no launcher variable or SLURM_* but `variables`, and
-    gcloud, kubectl, srun and scontrol stand-ins first on PATH that log each call to
-    $CALLS and fail, unless a test replaces them."""
+    """The launchers' environment: no launcher variable or SLURM_* but `variables`, TMPDIR
+    in tmp_path, and gcloud, kubectl, srun and scontrol stand-ins first on PATH that log
+    each call to $CALLS and fail, unless a test replaces them."""
     stubs = tmp_path / "bin"
     if not stubs.exists():
         stubs.mkdir()
         for tool in ("gcloud", "kubectl", "srun", "scontrol"):
-            _stub(stubs, tool, f'echo "{tool} $*" >> "$CALLS"\n'
-                               f'echo "{tool} must not run in this test" >&2; exit 99\n')
+            _stub(stubs, tool, LOG_CALL.format(name=tool) +
+                  f'echo "{tool} must not run in this test" >&2; exit 99\n')
     env = {key: value for key, value in os.environ.items()
            if key not in LAUNCHER_VARIABLES and not key.startswith("SLURM_")}
     env.update(PATH=f"{stubs}{os.pathsep}{env['PATH']}", CALLS=str(tmp_path / "calls.log"),
-               PYTHON=sys.executable)
+               PYTHON=sys.executable, TMPDIR=str(tmp_path))
     env.update(variables)
     return env
 
 
 def _launch(script: str, args, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    """Runs a launcher in a session of its own, so that a timeout ends what it started too.
+    Its stdin is an open pipe, not /dev/null, as a terminal or ssh would give it."""
+    launcher = subprocess.Popen(["bash", str(LAUNCH / script), *args], cwd=REPO, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
 
 
-def _calls(tmp_path: Path) -> list[str]:
+def _calls(tmp_path: Path) -> list[list[str]]:
+    """The stand-ins' calls, in order, as argument lists."""
     calls = tmp_path / "calls.log"
-    return calls.read_text().splitlines() if calls.exists() else []
+    return [shlex.split(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
 
 def _printed_commands(stdout: str) -> list[list[str]]:
@@ -83,6 +102,33 @@ def _flag(command: list[str], name: str) -> str:
     values = [arg.split("=", 1)[1] for arg in command if arg.startswith(f"{name}=")]
     assert len(values) == 1, (name, command)
     return values[0]
+
+
+class Ran(NamedTuple):
+    """One program run: which (its path, as run from cwd), where, with what arguments."""
+    program: Path
+    cwd: Path
+    args: list[str]
+
+
+def _installed_projects(call: Ran) -> list[tuple[Path, frozenset[str], bool]]:
+    """The local folders a `pip install` call installs: (folder, extras, editable)."""
+    args = call.args[call.args.index("install") + 1:]
+    projects = []
+    for before, arg in zip([None, *args], args, strict=False):
+        editable = before in ("-e", "--editable")
+        if arg.startswith("--editable="):
+            editable, arg = True, arg.split("=", 1)[1]
+        if arg.startswith("-") or not (editable or arg.startswith((".", "/"))):
+            continue  # an option, or a requirement from the index
+        folder, _, extras = arg.partition("[")
+        projects.append((Path(os.path.normpath(call.cwd / folder)),
+                         frozenset(filter(None, extras.rstrip("]").split(","))), editable))
+    return projects
+
+
+def _extras(pyproject: Path) -> set[str]:
+    return set(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"])
 
 
 # shellcheck
@@ -190,14 +236,14 @@ def test_tpu_vm_create_polls_until_active(tmp_path):
     states.write_text("WAITING_FOR_RESOURCES\nPROVISIONING\nACTIVE\n")
     env = _env(tmp_path, **TPU, POLL_S="0", STATES=str(states))
     _stub(tmp_path / "bin", "gcloud",
-          'echo "gcloud $*" >> "$CALLS"\n'
+          LOG_CALL.format(name="gcloud") +
           'if [[ $* == *"queued-resources describe"* ]]; then\n'
           '  head -n 1 "$STATES"; sed -i 1d "$STATES"\n'
           'fi\n')
     done = _launch("tpu_vm.sh", ["create"], env)
     assert done.returncode == 0, done.stderr
     calls = _calls(tmp_path)
-    assert [call.split()[3:5] for call in calls] == [["queued-resources", "create"]] + [
+    assert [call[3:5] for call in calls] == [["queued-resources", "create"]] + [
         ["queued-resources", "describe"]] * 3
     assert "rn50-pod is ACTIVE" in done.stderr
 
@@ -210,7 +256,185 @@ def test_tpu_vm_create_stops_on_a_failed_request(tmp_path):
     assert "rn50-pod is FAILED" in done.stderr
 
 
-def test_tpu_vm_install_copies_this_tree_to_every_worker(tmp_path):
+# A TPU VM, simulated: the gcloud stand-in copies what `tpu-vm scp` sends into a temporary
+# home and runs what `tpu-vm ssh` sends there under bash, in a fresh environment, as ssh
+# would (one worker stands for all). The VM's PATH holds the stand-ins below, which record
+# each call to $VM_LOG, and the real tools the remote commands use; nothing else.
+
+VM_TOOLS = ("cat", "cp", "date", "git", "gzip", "mkdir", "nohup", "readlink", "rm", "sed",
+            "sleep", "tail", "tar")
+VM_RECORD = 'record() { local words; printf -v words "%q " "$@"; echo "$words" >> "$VM_LOG"; }\n'
+VM_GCLOUD = LOG_CALL.format(name="gcloud") + '''\
+positional=() remote=
+for arg; do
+  case $arg in --command=*) remote=${arg#--command=} ;; -*) ;; *) positional+=("$arg") ;; esac
+done
+case "${positional[2]} ${positional[3]}" in
+  "tpu-vm scp") exec cp "${positional[4]}" "$VM_HOME/${positional[5]#*:}" ;;
+  "tpu-vm ssh")
+    cd "$VM_HOME" && exec env -i HOME="$VM_HOME" PATH="$VM_BIN" VM_BIN="$VM_BIN" \\
+      VM_LOG="$VM_LOG" VM_FIXTURES="$VM_FIXTURES" TRAIN_SECONDS="${TRAIN_SECONDS:-0}" \\
+      "$BASH" -c "$remote" ;;
+esac
+echo "gcloud ${positional[*]:2:2} is not simulated" >&2
+exit 99
+'''
+# On the VM's PATH from the start.
+VM_STANDINS = {
+    "hostname": 'echo worker-0\n',
+    "sudo": 'record ran "$PWD" "$0" "$@"\nexec "$@"\n',
+    # "Installs" a package by putting the fixture of that name, if any, on PATH.
+    "apt-get": 'record ran "$PWD" "$0" "$@"\n'
+               'for package; do\n'
+               '  if [[ -f $VM_FIXTURES/$package ]]; then\n'
+               '    cp "$VM_FIXTURES/$package" "$VM_BIN/"\n'
+               '  fi\n'
+               'done\n',
+}
+# Put in place by the stand-ins: python3.11 by apt-get (or there from the start), the venv's
+# python and pip by `python3.11 -m venv`, the console script by pip installing a local tree.
+VM_FIXTURES = {
+    "python3.11": 'record ran "$PWD" "$0" "$@"\n'
+                  'if [[ $1 == -m && $2 == venv ]]; then\n'
+                  '  mkdir -p "${!#}/bin"\n'
+                  '  cp "$VM_FIXTURES/python" "$VM_FIXTURES/pip" "${!#}/bin/"\n'
+                  'fi\n',
+    "python": 'record ran "$PWD" "$0" "$@"\necho 0.0.0+stand-in\n',
+    "pip": 'record ran "$PWD" "$0" "$@"\n'
+           'if [[ $1 == install && " $* " == *" "[./]* ]]; then\n'
+           '  cp "$VM_FIXTURES/imagenet-jax" "${0%/*}/imagenet-jax"\n'
+           'fi\n',
+    # Training: says where its output goes and whether it outlives a hangup, then waits
+    # TRAIN_SECONDS for a SIGTERM, on which it exits 75 as imagenet-jax does.
+    "imagenet-jax": 'record ran "$PWD" "$0" "$@"\n'
+                    'echo "imagenet-jax stand-in $$: started"\n'
+                    'echo "imagenet-jax stand-in $$: to stderr" >&2\n'
+                    'trap \'kill "$sleeper" 2>/dev/null; record terminated $$; exit 75\' TERM\n'
+                    'record trainer $$ "$(sed -n "s/^SigIgn:\\s*//p" /proc/$$/status)" '
+                    '"$(readlink /proc/$$/fd/0)" "$(readlink /proc/$$/fd/1)" '
+                    '"$(readlink /proc/$$/fd/2)"\n'
+                    'sleep "${TRAIN_SECONDS:-0}" & sleeper=$!\n'
+                    'wait "$sleeper"\n',
+}
+
+
+class Trainer(NamedTuple):
+    """What the imagenet-jax stand-in found about itself once started."""
+    pid: int
+    ignores_sighup: bool
+    stdin: str
+    stdout: str
+    stderr: str
+
+
+@dataclasses.dataclass
+class TpuVm:
+    """A simulated TPU VM: its home, and the record its stand-ins keep."""
+    home: Path
+    log: Path
+
+    def records(self, kind: str) -> list[list[str]]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [words[1:] for words in map(shlex.split, lines) if words[0] == kind]
+
+    def ran(self) -> list[Ran]:
+        """Every stand-in run on the VM, in order."""
+        return [Ran(Path(os.path.normpath(Path(cwd, program))), Path(cwd), args)
+                for cwd, program, *args in self.records("ran")]
+
+    def trainers(self, count: int = 1) -> list[Trainer]:
+        """The training processes started, once `count` have (they start in the background)."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(records := self.records("trainer")) < count:
+            assert time.monotonic() < deadline, f"{len(records)} of {count} trainers started"
+            time.sleep(0.02)
+        sighup = 1 << (signal.SIGHUP - 1)
+        return [Trainer(int(pid), bool(int(ignored, 16) & sighup), stdin, stdout, stderr)
+                for pid, ignored, stdin, stdout, stderr in records]
+
+    def end_trainers(self) -> None:
+        """Kills the training stand-ins still running, and no other process."""
+        for trainer in self.trainers(0):
+            try:
+                if str(self.home) in Path(f"/proc/{trainer.pid}/cmdline").read_text():
+                    os.kill(trainer.pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+
+
+def _simulated_vm(tmp_path: Path, python_installed: bool = True,
+                  **variables: str) -> tuple[TpuVm, dict]:
+    """A fresh TPU VM (with python3.11 or, as the TPU images, without) and the launcher's
+    environment that reaches it."""
+    vm_bin, fixtures, home = (tmp_path / "vm" / name for name in ("bin", "fixtures", "home"))
+    for folder in (vm_bin, fixtures, home):
+        folder.mkdir(parents=True)
+    for tool in VM_TOOLS:
+        assert shutil.which(tool), f"{tool} is needed to simulate a TPU VM"
+        (vm_bin / tool).symlink_to(shutil.which(tool))
+    for name, body in VM_STANDINS.items():
+        _stub(vm_bin, name, VM_RECORD + body)
+    for name, body in VM_FIXTURES.items():
+        _stub(fixtures, name, VM_RECORD + body)
+    if python_installed:
+        shutil.copy(fixtures / "python3.11", vm_bin)
+    vm = TpuVm(home, tmp_path / "vm" / "record.log")
+    env = _env(tmp_path, **TPU, VM_HOME=str(home), VM_BIN=str(vm_bin), VM_LOG=str(vm.log),
+               VM_FIXTURES=str(fixtures), **variables)
+    _stub(tmp_path / "bin", "gcloud", VM_GCLOUD)
+    return vm, env
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory) -> dict[str, str]:
+    """A git repository for REPO_URL: this project's pyproject.toml, tagged v0.1.0, then one
+    more commit on main. Returns its path and the commit of each ref."""
+    repo = tmp_path_factory.mktemp("origin")
+    env = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True,
+                              capture_output=True, text=True, timeout=TIMEOUT_S).stdout.strip()
+
+    git("init", "--quiet", "--initial-branch=main")
+    shutil.copy(REPO / "pyproject.toml", repo)
+    (repo / "VERSION").write_text("0.1.0\n")
+    git("add", "--all")
+    git("commit", "--quiet", "--message=0.1.0")
+    git("tag", "v0.1.0")
+    (repo / "VERSION").write_text("0.2.0.dev0\n")
+    git("commit", "--quiet", "--all", "--message=next")
+    return {"path": str(repo), "v0.1.0": git("rev-parse", "v0.1.0^{commit}"),
+            "main": git("rev-parse", "main")}
+
+
+def _head(tree: Path) -> str:
+    return subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True, timeout=TIMEOUT_S).stdout.strip()
+
+
+def _assert_installed_in_a_venv(ran: list[Ran], tree: Path) -> Path:
+    """Python 3.11 made a venv in `tree`, and that venv's pip (no other) then installed
+    `tree` editable with the tpu extra, an extra of the tree's pyproject.toml. Returns the
+    venv."""
+    (create,) = [call for call in ran if call.program.name == "python3.11"]
+    assert create.args[:2] == ["-m", "venv"], create
+    venv = create.cwd / create.args[-1]
+    assert venv.parent == tree, "the venv lives with the code, where `run` looks for it"
+    pips = [call for call in ran if call.program.name.startswith("pip")]
+    assert pips and all(call.program == venv / "bin" / "pip" for call in pips), pips
+    assert ran.index(create) < ran.index(pips[0])
+    projects = [project for call in pips if "install" in call.args
+                for project in _installed_projects(call)]
+    assert any(folder == tree and editable and "tpu" in extras
+               for folder, extras, editable in projects), projects
+    assert "tpu" in _extras(tree / "pyproject.toml")
+    return venv
+
+
+def test_tpu_vm_install_dry_run_prints_the_copy_and_ssh(tmp_path):
     done = _tpu_vm(tmp_path, "install")
     assert done.returncode == 0, done.stderr
     tar, scp, rm, ssh = _printed_commands(done.stdout)
@@ -221,36 +445,99 @@ def test_tpu_vm_install_copies_this_tree_to_every_worker(tmp_path):
     assert rm == ["rm", "-f", tar[-2]]
     _assert_targets_the_tpu(ssh)
     assert ssh[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in ssh
-    remote = _remote_command(ssh)
-    assert "python3.11 -m venv .venv" in remote
-    assert ".venv/bin/pip install -q -e '.[tpu]'" in remote
+    _remote_command(ssh)
+    assert _calls(tmp_path) == [] and not list(tmp_path.glob("*.tgz")), "a dry run runs nothing"
 
 
-def test_tpu_vm_install_clones_the_repository_at_the_ref(tmp_path):
-    done = _tpu_vm(tmp_path, "install", REPO_URL="https://github.com/me/imagenet_jax.git",
-                   REPO_REF="v0.1.0")
+def test_tpu_vm_install_copies_this_tree_to_every_worker(tmp_path):
+    vm, env = _simulated_vm(tmp_path, REMOTE_DIR="code/imagenet")
+    done = _launch("tpu_vm.sh", ["install"], env)
     assert done.returncode == 0, done.stderr
-    (ssh,) = _printed_commands(done.stdout)
-    _assert_targets_the_tpu(ssh)
-    assert "--worker=all" in ssh
-    remote = _remote_command(ssh)
-    assert "git clone --quiet https://github.com/me/imagenet_jax.git imagenet_jax" in remote
-    assert "fetch --quiet origin v0.1.0" in remote
-    assert ".venv/bin/pip install -q -e '.[tpu]'" in remote
+    scp, ssh = _calls(tmp_path)
+    for call in (scp, ssh):
+        _assert_targets_the_tpu(call)
+        assert _flag(call, "--worker") == "all"
+    tree = vm.home / "code" / "imagenet"
+    for name in ("pyproject.toml", "launch/tpu_vm.sh", "configs/resnet50.py"):
+        assert (tree / name).read_bytes() == (REPO / name).read_bytes(), name
+    assert not (tree / ".git").exists() and not (tree / "runs").exists()
+    assert not list(vm.home.glob("*.tgz")) and not list(tmp_path.glob("*.tgz")), \
+        "the archive is removed on both ends"
+    # No .venv/bin/python came from here: the worker made its own venv.
+    _assert_installed_in_a_venv(vm.ran(), tree)
+    assert any("worker-0" in line and "0.0.0+stand-in" in line  # each worker's JAX version
+               for line in done.stdout.splitlines()), done.stdout
 
 
-def test_tpu_vm_run_starts_imagenet_jax_on_every_worker(tmp_path):
-    done = _tpu_vm(tmp_path, "run", "train", "--config=configs/resnet50.py",
-                   "--workdir=/mnt/shared/rn50", "--config.dataset=folder:/mnt/my imagenet")
+def test_tpu_vm_install_clones_the_repository_at_the_ref(tmp_path, origin):
+    """On a TPU image without Python 3.11, apt installs it first; the code is the ref's
+    commit, on a first install and on a later one with another ref, which keeps the venv."""
+    vm, env = _simulated_vm(tmp_path, python_installed=False, REPO_URL=origin["path"],
+                            REPO_REF="v0.1.0")
+    done = _launch("tpu_vm.sh", ["install"], env)
     assert done.returncode == 0, done.stderr
-    (ssh,) = _printed_commands(done.stdout)
+    (ssh,) = _calls(tmp_path)
     _assert_targets_the_tpu(ssh)
-    assert "--worker=all" in ssh
-    remote = _remote_command(ssh)
-    assert ("nohup .venv/bin/imagenet-jax train --config=configs/resnet50.py "
-            "--workdir=/mnt/shared/rn50 '--config.dataset=folder:/mnt/my imagenet' "
-            ">> logs/imagenet-jax.log") in remote
-    assert "--coordinator_address" not in remote  # JAX finds the pod by itself
+    assert _flag(ssh, "--worker") == "all"
+    tree = vm.home / "imagenet_jax"
+    assert _head(tree) == origin["v0.1.0"]
+    first = vm.ran()
+    (apt,) = [call for call in first if call.program.name == "apt-get" and "install" in call.args]
+    packages = {arg for arg in apt.args[apt.args.index("install") + 1:] if not arg.startswith("-")}
+    assert {"python3.11", "python3.11-venv"} <= packages
+    assert any(call.program.name == "sudo" and call.args == ["apt-get", *apt.args]
+               for call in first), "apt-get runs as root"
+    venv = _assert_installed_in_a_venv(first, tree)
+    assert first.index(apt) < min(first.index(call) for call in first
+                                  if call.program.name == "python3.11")
+
+    done = _launch("tpu_vm.sh", ["install"], {**env, "REPO_REF": "main"})
+    assert done.returncode == 0, done.stderr
+    assert _head(tree) == origin["main"]
+    again = vm.ran()[len(first):]
+    assert {call.program.name for call in again} == {"pip", "python"}, "no apt, no new venv"
+    assert any(project[0] == tree for call in again if call.program == venv / "bin" / "pip"
+               for project in _installed_projects(call))
+
+
+@pytest.fixture(scope="module")
+def installed_home(tmp_path_factory, origin) -> Path:
+    """A VM's home after `install` from `origin`, made once: run, logs and stop start from a
+    copy of it."""
+    vm, env = _simulated_vm(tmp_path_factory.mktemp("installed"), REPO_URL=origin["path"])
+    done = _launch("tpu_vm.sh", ["install"], env)
+    assert done.returncode == 0, done.stderr
+    return vm.home
+
+
+def _installed_vm(tmp_path: Path, installed_home: Path,
+                  **variables: str) -> tuple[TpuVm, dict, Path]:
+    """A simulated VM after `install`; and its code's folder."""
+    vm, env = _simulated_vm(tmp_path, **variables)
+    shutil.copytree(installed_home, vm.home, symlinks=True, dirs_exist_ok=True)
+    return vm, env, vm.home / "imagenet_jax"
+
+
+def test_tpu_vm_run_starts_imagenet_jax_on_every_worker(tmp_path, installed_home):
+    vm, env, tree = _installed_vm(tmp_path, installed_home)
+    args = ["train", "--config=configs/resnet50.py", "--workdir=/mnt/shared/rn50",
+            "--config.dataset=folder:/mnt/my imagenet"]
+    done = _launch("tpu_vm.sh", ["run", *args], env)
+    assert done.returncode == 0, done.stderr
+    ssh = _calls(tmp_path)[-1]
+    _assert_targets_the_tpu(ssh)
+    assert _flag(ssh, "--worker") == "all"
+    (trainer,) = vm.trainers()
+    (training,) = [call for call in vm.ran() if call.program.name == "imagenet-jax"]
+    assert training.program == tree / ".venv" / "bin" / "imagenet-jax"  # what install put there
+    assert training.cwd == tree, "--config=configs/... names a file of the code"
+    assert training.args == args  # no coordinator flags: JAX finds the pod by itself
+    assert trainer.ignores_sighup, "the run outlives the ssh session"
+    assert trainer.stdin == os.devnull
+    log = Path(trainer.stdout)
+    assert trainer.stderr == trainer.stdout and log.is_relative_to(tree)
+    assert {f"imagenet-jax stand-in {trainer.pid}: started",
+            f"imagenet-jax stand-in {trainer.pid}: to stderr"} <= set(log.read_text().splitlines())
 
 
 def test_tpu_vm_run_needs_arguments(tmp_path):
@@ -265,14 +552,84 @@ def test_tpu_vm_logs_follow_one_worker_or_all(tmp_path, worker):
     (ssh,) = _printed_commands(done.stdout)
     _assert_targets_the_tpu(ssh)
     assert _flag(ssh, "--worker") == (worker or "0")
-    assert "tail" in _remote_command(ssh)
+    _remote_command(ssh)
 
 
-def test_tpu_vm_stop_and_delete(tmp_path):
-    stop = _tpu_vm(tmp_path, "stop")
-    assert stop.returncode == 0, stop.stderr
-    (ssh,) = _printed_commands(stop.stdout)
-    assert "--worker=all" in ssh and "kill -TERM" in _remote_command(ssh)
+def _read_until(process: subprocess.Popen, text: str, hostname: str) -> None:
+    """Reads `process`'s output until a line ends with `text` after naming `hostname`."""
+    seen = b""
+    deadline = time.monotonic() + TIMEOUT_S
+
+    def found() -> bool:
+        return any(line.endswith(text) and hostname in line[:-len(text)]
+                   for line in seen.decode().splitlines())
+
+    while not found():
+        left = deadline - time.monotonic()
+        assert left > 0 and process.poll() is None, f"no line {text!r} in:\n{seen.decode()}"
+        if select.select([process.stdout], [], [], left)[0]:
+            seen += os.read(process.stdout.fileno(), 1 << 16)
+
+
+def test_tpu_vm_logs_follows_the_output_of_the_run(tmp_path, installed_home):
+    vm, env, _ = _installed_vm(tmp_path, installed_home)
+    done = _launch("tpu_vm.sh", ["run", "train"], env)
+    assert done.returncode == 0, done.stderr
+    (trainer,) = vm.trainers()
+    follow = subprocess.Popen(["bash", str(LAUNCH / "tpu_vm.sh"), "logs"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        _read_until(follow, f"imagenet-jax stand-in {trainer.pid}: started", "worker-0")
+        with open(trainer.stdout, "a") as log:  # written after `logs` started
+            log.write("step 2\n")
+        _read_until(follow, "step 2", "worker-0")
+    finally:
+        os.killpg(follow.pid, signal.SIGKILL)
+        follow.communicate()
+
+
+def test_tpu_vm_stop_sends_sigterm_to_the_run_alone(tmp_path, installed_home):
+    vm, env, tree = _installed_vm(tmp_path, installed_home, TRAIN_SECONDS=str(TIMEOUT_S))
+    # Another imagenet-jax of the same user, not started by `run`: stop leaves it be.
+    other = vm.home / "other" / ".venv" / "bin"
+    other.mkdir(parents=True)
+    shutil.copy(tree / ".venv" / "bin" / "imagenet-jax", other)
+    bystander = subprocess.Popen(
+        [str(other / "imagenet-jax"), "train"], cwd=other, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=dict(PATH=env["VM_BIN"], VM_LOG=env["VM_LOG"], TRAIN_SECONDS=str(TIMEOUT_S)))
+    try:
+        started = _launch("tpu_vm.sh", ["run", "train"], env)
+        assert started.returncode == 0, started.stderr
+        (training,) = [trainer for trainer in vm.trainers(2) if trainer.pid != bystander.pid]
+
+        refused = _launch("tpu_vm.sh", ["run", "train"], env)
+        assert refused.returncode != 0 and "already running" in refused.stderr
+        assert len(vm.records("trainer")) == 2, "a TPU is held by one process at a time"
+
+        stopped = _launch("tpu_vm.sh", ["stop"], env)
+        assert stopped.returncode == 0, stopped.stderr
+        ssh = _calls(tmp_path)[-1]
+        _assert_targets_the_tpu(ssh)
+        assert _flag(ssh, "--worker") == "all"
+        deadline = time.monotonic() + TIMEOUT_S
+        while not vm.records("terminated"):  # by its SIGTERM trap, the checkpoint's path
+            assert time.monotonic() < deadline, "the run got no SIGTERM"
+            time.sleep(0.02)
+        with pytest.raises(subprocess.TimeoutExpired):
+            bystander.wait(timeout=0.2)
+        assert vm.records("terminated") == [[str(training.pid)]]
+
+        again = _launch("tpu_vm.sh", ["stop"], env)  # nothing left to stop
+        assert again.returncode == 0, again.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
+        vm.end_trainers()
+
+
+def test_tpu_vm_delete_removes_the_queued_resource(tmp_path):
     delete = _tpu_vm(tmp_path, "delete")
     assert delete.returncode == 0, delete.stderr
     (command,) = _printed_commands(delete.stdout)
@@ -296,24 +653,95 @@ def test_tpu_vm_names_a_missing_variable(tmp_path, command, missing):
 # launch/gke.sh and launch/gke/*.yaml
 
 
-def test_dockerfile_builds_from_what_the_context_holds():
-    """No Docker daemon here: check what a build would need. Every COPY source exists and
-    passes .dockerignore, each ACCELERATOR is an extra of pyproject.toml, and the
-    working directory holds configs/, which the JobSets' --config paths name."""
-    dockerfile = (LAUNCH / "gke" / "Dockerfile").read_text()
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """launch/gke/Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
+    lines = [line for line in (LAUNCH / "gke" / "Dockerfile").read_text().splitlines()
+             if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    instructions = [line.split(None, 1) for line in joined.splitlines()]
+    return [(words[0].upper(), words[1]) for words in instructions if len(words) == 2]
+
+
+def _copied(sources: list[str], destination: str, into_folder: bool) -> set[str]:
+    """The image's paths of what a COPY puts there: a folder's contents, or a file."""
+    paths = set()
+    for source in sources:
+        if (REPO / source).is_dir():
+            paths |= {posixpath.join(destination, path.relative_to(REPO / source).as_posix())
+                      for path in (REPO / source).rglob("*")
+                      if path.is_file() and "__pycache__" not in path.parts}
+        else:
+            paths.add(posixpath.join(destination, Path(source).name) if into_folder
+                      else destination)
+    return paths
+
+
+def _pip_calls(shell: str, cwd: str) -> list[Ran]:
+    """The pip installs a RUN's shell line makes, each with the folder it runs in."""
+    lexer = shlex.shlex(shell, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    calls, command = [], []
+    for word in [*lexer, ";"]:
+        if word not in ("&&", "||", ";", "|", "&"):
+            command.append(word)
+            continue
+        if command[:1] == ["cd"]:
+            cwd = posixpath.join(cwd, command[1])
+        if command[:2] == ["pip", "install"] or command[:4] == ["python", "-m", "pip", "install"]:
+            calls.append(Ran(Path("pip"), Path(cwd), command[command.index("install"):]))
+        command = []
+    return calls
+
+
+def _docker_build(build_args: dict[str, str]) -> tuple[str, set[str], list[tuple[set[str], Ran]]]:
+    """What `docker build` of launch/gke/Dockerfile would do, read rather than run: the
+    image's working directory and files at the end, and each pip install of a RUN with the
+    files the image held then (what RUN itself writes is not followed)."""
+    workdir, arguments, files, pips = "/", {}, set(), []
+    for instruction, rest in _dockerfile_instructions():
+        if instruction == "ARG":
+            name, _, default = rest.partition("=")
+            arguments[name] = build_args.get(name, default)
+        elif instruction == "WORKDIR":
+            workdir = posixpath.join(workdir, rest)
+        elif instruction == "COPY":
+            *sources, destination = rest.split()
+            files |= _copied(sources, posixpath.normpath(posixpath.join(workdir, destination)),
+                             into_folder=destination.endswith("/") or len(sources) > 1)
+        elif instruction == "RUN":
+            for name, value in arguments.items():
+                rest = rest.replace(f"${{{name}}}", value).replace(f"${name}", value)
+            pips += [(set(files), call) for call in _pip_calls(rest, workdir)]
+    return workdir, files, pips
+
+
+def test_dockerfile_builds_the_image_the_jobsets_run(tmp_path):
+    """No Docker daemon here: the build is read, not run. Every COPY source exists and
+    passes .dockerignore; for each ACCELERATOR, pip installs the project with that extra
+    of pyproject.toml, and installs it last once the package's code is in; the working
+    directory holds configs/, so the JobSets' --config names a file of the image."""
     ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines()
               if line and not line.startswith("#")]
     admitted = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert ignore[0] == "*", "the context starts empty and admits what the build copies"
-    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY")]
-    for sources in copied:
-        for source in sources:
+    for instruction, rest in _dockerfile_instructions():
+        for source in rest.split()[:-1] if instruction == "COPY" else []:
             assert (REPO / source).exists() and source.rstrip("/") in admitted, source
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
-    for accelerator in ("tpu", "cuda"):
-        assert accelerator in extras and f"ACCELERATOR={accelerator}" in dockerfile
-    assert "COPY configs ./configs" in dockerfile and "WORKDIR /imagenet_jax" in dockerfile
+    extras = _extras(REPO / "pyproject.toml")
+    (container,) = _workers(_render(tmp_path, "tpu", **GKE_TPU))[1]["containers"]
+    config = _flag(container["args"], "--config")
+    for accelerator in (None, "tpu", "cuda"):  # None: the Dockerfile's default
+        workdir, files, pips = _docker_build({"ACCELERATOR": accelerator} if accelerator else {})
+        installs = [(held, project) for held, call in pips for project in _installed_projects(call)]
+        with_extras = [(held, folder, chosen) for held, (folder, chosen, _) in installs if chosen]
+        assert with_extras, f"no pip install of the project with an extra: {pips}"
+        for held, folder, chosen in with_extras:
+            assert chosen <= extras and f"{folder}/pyproject.toml" in held, (chosen, folder)
+        assert accelerator is None or any(accelerator in chosen for *_, chosen in with_extras)
+        held, (folder, _, editable) = installs[-1]
+        assert f"{folder}/imagenet_jax/train/loop.py" in held and not editable
+        assert posixpath.join(container.get("workingDir", workdir), config) in files
+
 
 GKE = dict(JOBSET_NAME="rn50", IMAGE="us-docker.pkg.dev/my-project/ml/imagenet-jax:1",
            BUCKET="my-bucket")
@@ -443,10 +871,10 @@ def test_gke_names_a_missing_variable(tmp_path, kind, missing):
 def test_gke_applies_the_manifest_with_kubectl(tmp_path):
     env = _env(tmp_path, **GKE, **GKE_GPU, NAMESPACE="ml")
     _stub(tmp_path / "bin", "kubectl",
-          'echo "kubectl $*" >> "$CALLS"\ncat > "$CALLS.manifest"\n')
+          LOG_CALL.format(name="kubectl") + 'cat > "$CALLS.manifest"\n')
     done = _launch("gke.sh", ["gpu"], env)
     assert done.returncode == 0, done.stderr
-    assert _calls(tmp_path) == ["kubectl --namespace=ml apply -f -"]
+    assert _calls(tmp_path) == [["kubectl", "--namespace=ml", "apply", "-f", "-"]]
     applied = yaml.safe_load((tmp_path / "calls.log.manifest").read_text())
     _check_schema(applied, JOBSET_SCHEMA)
 
@@ -454,9 +882,13 @@ def test_gke_applies_the_manifest_with_kubectl(tmp_path):
 def test_gke_delete_and_logs(tmp_path):
     env = _env(tmp_path, JOBSET_NAME="rn50", DRY_RUN="1")
     delete = _launch("gke.sh", ["delete"], env)
-    assert delete.stdout.strip() == "+ kubectl delete jobset rn50"
+    assert _printed_commands(delete.stdout) == [["kubectl", "delete", "jobset", "rn50"]]
     logs = _launch("gke.sh", ["logs"], env)
-    assert "jobset.sigs.k8s.io/jobset-name=rn50" in logs.stdout
+    (command,) = _printed_commands(logs.stdout)
+    assert command[:2] == ["kubectl", "logs"] and "--follow" in command
+    assert set(_flag(command, "--selector").split(",")) == {  # process 0 of this JobSet
+        "jobset.sigs.k8s.io/jobset-name=rn50", "batch.kubernetes.io/job-completion-index=0"}
+    assert _calls(tmp_path) == []
 
 
 # launch/slurm.sbatch
@@ -471,7 +903,7 @@ def _slurm_env(tmp_path, **variables) -> dict:
     SLURM_NODEID; scontrol expands the node list; imagenet-jax logs its arguments."""
     env = _env(tmp_path, **SLURM_JOB, VENV=str(tmp_path / "venv"), **variables)
     _stub(tmp_path / "bin", "srun",
-          'echo "srun $*" >> "$CALLS"\n'
+          LOG_CALL.format(name="srun") +
           'nodes=1\n'
           'while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done\n'
           'status=0\n'
@@ -480,12 +912,13 @@ def _slurm_env(tmp_path, **variables) -> dict:
           'done\n'
           'exit "$status"\n')
     _stub(tmp_path / "bin", "scontrol",
-          'echo "scontrol $*" >> "$CALLS"\n'
+          LOG_CALL.format(name="scontrol") +
           '[[ $1 == show && $2 == hostnames ]] && printf "%s\\n" gpu07 gpu08\n'
           'exit 0\n')
     (tmp_path / "venv" / "bin").mkdir(parents=True, exist_ok=True)
     _stub(tmp_path / "venv" / "bin", "imagenet-jax",
-          'echo "imagenet-jax $* JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS" >> "$CALLS"\n'
+          'printf -v words "%q " imagenet-jax "$@" "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"\n'
+          'echo "$words" >> "$CALLS"\n'
           'sleep "${FAKE_SECONDS:-0}"\n'
           'exit "${FAKE_EXIT:-0}"\n')
     return env
@@ -496,16 +929,16 @@ def test_sbatch_runs_one_process_per_node_on_all_its_gpus(tmp_path):
     done = _launch("slurm.sbatch", ["--config.num_epochs=90"], env)
     assert done.returncode == 0, done.stderr
     calls = _calls(tmp_path)
-    srun = next(call for call in calls if call.startswith("srun "))
-    assert "--nodes=2 --ntasks-per-node=1 --cpus-per-task=96" in srun
-    processes = [call for call in calls if call.startswith("imagenet-jax ")]
+    srun = next(call for call in calls if call[0] == "srun")
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"} <= set(srun)
+    processes = [call for call in calls if call[0] == "imagenet-jax"]
     assert processes == [
-        f"imagenet-jax train --config=configs/resnet50.py --workdir={REPO}/runs/resnet50 "
-        "--coordinator_address=gpu07:24242 --num_processes=2 --config.batch_size=2048 "
-        f"--config.dataset=folder:/d --config.num_epochs=90 --process_id={node} "
-        "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"
+        ["imagenet-jax", "train", "--config=configs/resnet50.py",
+         f"--workdir={REPO}/runs/resnet50", "--coordinator_address=gpu07:24242",
+         "--num_processes=2", "--config.batch_size=2048", "--config.dataset=folder:/d",
+         "--config.num_epochs=90", f"--process_id={node}", "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]
         for node in (0, 1)]
-    assert not any("requeue" in call for call in calls)
+    assert not any(call[:2] == ["scontrol", "requeue"] for call in calls)
 
 
 @pytest.mark.parametrize("status, requeued", [(0, False), (75, True), (2, False), (3, False)])
@@ -515,9 +948,13 @@ def test_sbatch_requeues_a_preempted_run_only(tmp_path, status, requeued):
     done = _launch("slurm.sbatch", [], env)
     assert done.returncode == status, done.stderr
     calls = _calls(tmp_path)
-    assert ("scontrol requeue 4242" in calls) == requeued
-    assert any("--config=configs/resnet18.py --workdir=/shared/rn50 "
-               "--coordinator_address=gpu07:1234" in call for call in calls)
+    assert (["scontrol", "requeue", "4242"] in calls) == requeued
+    processes = [call for call in calls if call[0] == "imagenet-jax"]
+    assert len(processes) == 2, calls
+    for process in processes:
+        assert _flag(process, "--config") == "configs/resnet18.py"
+        assert _flag(process, "--workdir") == "/shared/rn50"
+        assert _flag(process, "--coordinator_address") == "gpu07:1234"
 
 
 def test_sbatch_outlives_a_sigterm_until_the_checkpoint_is_saved(tmp_path):
@@ -526,7 +963,7 @@ def test_sbatch_outlives_a_sigterm_until_the_checkpoint_is_saved(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while not any(call.startswith("imagenet-jax") for call in _calls(tmp_path)):
+        while not any(call[0] == "imagenet-jax" for call in _calls(tmp_path)):
             assert time.monotonic() < deadline and job.poll() is None, "srun never started"
             time.sleep(0.05)
         job.send_signal(signal.SIGTERM)
@@ -535,7 +972,7 @@ def test_sbatch_outlives_a_sigterm_until_the_checkpoint_is_saved(tmp_path):
         if job.poll() is None:
             job.kill()
     assert job.returncode == 75, stderr
-    assert "scontrol requeue 4242" in _calls(tmp_path)
+    assert ["scontrol", "requeue", "4242"] in _calls(tmp_path)
 
 
 def test_sbatch_refuses_to_run_outside_a_job(tmp_path):
