@@ -24,7 +24,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# SIGKILL the demo recipe at random moments, restart it, compare with an uninterrupted run.
+# SIGKILL the demo recipe at random steps, restart it, compare with an uninterrupted run.
 chaos: $(STAMP)
 	$(BIN)/python tests/chaos.py --kills=5
 

@@ -1,22 +1,30 @@
-"""Chaos test: SIGKILL a training run at random moments, restart it, compare with a clean run.
+"""Chaos test: SIGKILL a training run at random steps, restart it, compare with a clean run.
 
     python tests/chaos.py [--kills=5] [--seed=0] [--workdir=DIR] [-- CONFIG FLAGS...]
 
 Runs the command `imagenet-jax train CONFIG FLAGS --workdir=...` once uninterrupted, then
-again while killing it with SIGKILL at random moments after its first checkpoint, `kills`
-times in a row, restarting it after each kill. Reports kills survived, steps lost, and
-whether the final parameters equal the uninterrupted run's, ending with one line:
+again `kills` times in a row, each time SIGKILLing it at a step drawn (from `seed`) among
+the steps still ahead of the checkpoint it resumed from, and restarting it. Kills are
+scheduled by step, not by time: the killer watches the steps the run logs to
+WORKDIR/metrics.jsonl (every step with --config.log_every_steps=1; else it draws among
+the logged ones) and kills once the scheduled one is logged, so a fast machine cannot
+finish first and a slow one cannot be killed before it trains; a run that ends before
+its kill lands stops the test (KillMissed). Reports each kill (the step scheduled, the
+step observed when it was sent, the checkpoint the next run resumed from) and whether
+the final parameters equal the uninterrupted run's, ending with one line:
 
     chaos: kills=K resumed=R params_equal=true|false
 
-Default flags: the demo recipe on the demo dataset at 16x16 for 4 epochs (`make chaos`).
-The test suite runs a shorter version on a tiny dataset (tests/test_fault_tolerance.py).
+Default flags: the demo recipe on the demo dataset at 16x16 for 4 epochs, every step
+logged (`make chaos`). The test suite runs a shorter version on a tiny dataset
+(tests/test_fault_tolerance.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -24,21 +32,52 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# Every step logged: the killer sees each step, so each kill lands at the step drawn.
 DEFAULT_FLAGS = ["--config=configs/demo.py", "--config.image_size=16", "--config.num_epochs=4",
-                 "--config.checkpoint_every_steps=10", "--config.log_every_steps=5"]
+                 "--config.checkpoint_every_steps=10", "--config.log_every_steps=1"]
+RUN_TIMEOUT_S = 900  # a hung run fails the test after this long instead of blocking it
+
+
+class KillMissed(RuntimeError):
+    """A kill could not land before the run's end: the run finished training first, or
+    no step was left ahead of its checkpoint to schedule the kill at."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    """One interruption: the step it was scheduled at, the last step the run had logged
+    when the signal was sent, and the checkpoint the next run resumes from."""
+
+    target: int
+    observed: int
+    resumed_from: int
+
+    def describe(self) -> str:
+        return (f"scheduled at step {self.target}, observed at step {self.observed}, resumed "
+                f"from checkpoint {self.resumed_from} ({self.observed - self.resumed_from} "
+                "step(s) lost)")
 
 
 @dataclasses.dataclass
 class ChaosReport:
-    kills: int = 0
+    landed: list[Kill] = dataclasses.field(default_factory=list)
     resumed: int = 0
-    steps_lost: list[int] = dataclasses.field(default_factory=list)
     params_equal: bool = False
+
+    @property
+    def kills(self) -> int:
+        return len(self.landed)
+
+    def describe(self) -> str:
+        """One line per kill, then the summary line."""
+        lines = [f"kill {i}: {kill.describe()}" for i, kill in enumerate(self.landed, 1)]
+        return "\n".join([*lines, self.summary()])
 
     def summary(self) -> str:
         return (f"chaos: kills={self.kills} resumed={self.resumed} "
@@ -49,7 +88,7 @@ def command(flags: list[str], workdir: Path) -> list[str]:
     return [sys.executable, "-m", "imagenet_jax", "train", *flags, f"--workdir={workdir}"]
 
 
-def run_to_end(flags: list[str], workdir: Path, env: dict, timeout: float = 900):
+def run_to_end(flags: list[str], workdir: Path, env: dict, timeout: float = RUN_TIMEOUT_S):
     result = subprocess.run(command(flags, workdir), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if result.returncode != 0:
@@ -68,40 +107,121 @@ def checkpoint_steps(workdir) -> list[int]:
                   if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
-def last_logged_step(workdir) -> int:
-    from imagenet_jax.metrics import read_records
+class RunWatcher:
+    """What a run in `workdir` has done, read from its files while it trains.
 
-    return max((r["step"] for r in read_records(workdir)), default=0)
-
-
-def kill_at_random(flags: list[str], workdir: Path, env: dict, rng: random.Random,
-                   max_delay: float, timeout: float = 600) -> int | None:
-    """Starts the run, SIGKILLs it a random delay after it next makes progress.
-
-    Returns the steps lost (last logged step minus last checkpoint), or None if the
-    run finished before the kill landed.
+    The steps it logs come from WORKDIR/config.json (its total steps and log interval),
+    its progress from WORKDIR/metrics.jsonl, written whole at each log after the step's
+    numbers left the device. A killed run leaves records past its checkpoint, which the
+    next run drops when it starts; so the file counts as this run's only once it differs
+    from what it held before this run started.
     """
-    before = checkpoint_steps(workdir)
-    process = subprocess.Popen(command(flags, workdir), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __init__(self, workdir):
+        from imagenet_jax import storage
+
+        self.workdir = storage.as_path(workdir)
+        self._before = self._read("metrics.jsonl")
+        self._rewritten = False
+        self._text, self._step = self._before, None  # the last text read, its last step
+
+    def _read(self, name: str) -> str | None:
+        try:
+            return (self.workdir / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def logged_steps(self) -> list[int] | None:
+        """The steps the run logs train metrics at, in order; None before it says."""
+        text = self._read("config.json")
+        if text is None:
+            return None
+        saved = json.loads(text)
+        total, every = saved["derived"]["num_train_steps"], saved["config"]["log_every_steps"]
+        return [s for s in range(1, total + 1) if s == 1 or s % every == 0 or s == total]
+
+    def last_step(self) -> int | None:
+        """The last step this run has logged; None before it logs or rewrites anything."""
+        text = self._read("metrics.jsonl")
+        self._rewritten = self._rewritten or text != self._before
+        if not self._rewritten or text is None:
+            return None
+        if text != self._text:  # parsed only when it changed: the killer polls often
+            steps = [r["step"] for r in map(json.loads, text.splitlines())
+                     if r["split"] == "train"]
+            self._text, self._step = text, (steps[-1] if steps else None)
+        return self._step
+
+
+def signal_at_step(flags: list[str], workdir, env: dict,
+                   choose_target: Callable[[list[int]], int], *, signum: int = signal.SIGKILL,
+                   timeout: float = RUN_TIMEOUT_S) -> tuple[Kill, subprocess.CompletedProcess]:
+    """Starts the run in `workdir` and sends it `signum` once it has logged the step that
+    `choose_target` picks among the logged steps still ahead (after its checkpoint, before
+    its last step). Returns the kill and the stopped run (its output in `stdout`).
+
+    Raises KillMissed if the run finishes training first, RuntimeError if it fails on
+    its own, TimeoutError if it runs past `timeout` seconds.
+    """
+    from imagenet_jax import storage
+
+    started_from = max(checkpoint_steps(workdir), default=0)
+    watcher = RunWatcher(workdir)
+    poll_s = 0.5 if storage.is_url(workdir) else 0.005  # (an emulator serves one at a time)
+    target = observed = total = None
+    sent = False
     deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if checkpoint_steps(workdir) != before:  # training is under way
-                time.sleep(rng.uniform(0, max_delay))
-                if process.poll() is not None:
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command(flags, workdir), cwd=REPO, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        try:
+            while True:
+                running = process.poll() is None  # (then a last look at what it left)
+                if target is None and (steps := watcher.logged_steps()) is not None:
+                    total = steps[-1]
+                    target = _choose(choose_target, steps, started_from)
+                observed = watcher.last_step()
+                if not running:
                     break
-                process.send_signal(signal.SIGKILL)
-                process.wait(timeout=60)
-                return max(0, last_logged_step(workdir) - max(checkpoint_steps(workdir)))
-            time.sleep(0.02)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    if process.returncode not in (0, None):
-        raise RuntimeError(f"the run failed on its own with exit code {process.returncode}")
-    return None
+                if target is not None and observed is not None and observed >= target:
+                    process.send_signal(signum)
+                    sent = True
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the run in {workdir} did not reach step {target} "
+                                       f"in {timeout:.0f} s (last logged: {observed})")
+                time.sleep(poll_s)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    stopped = subprocess.CompletedProcess(process.args, process.returncode, text)
+    name = signal.Signals(signum).name
+    if process.returncode == 0 or (None not in (observed, total) and observed >= total):
+        raise KillMissed(f"the run in {workdir} finished training (step {total}) before its "
+                         f"{name} scheduled at step {target} landed (last step seen: "
+                         f"{observed}):\n{text[-2000:]}")
+    if not sent:
+        raise RuntimeError(f"the run in {workdir} failed on its own (exit code "
+                           f"{process.returncode}) before step {target}:\n{text[-3000:]}")
+    return Kill(target, observed, max(checkpoint_steps(workdir), default=0)), stopped
+
+
+def _choose(choose_target: Callable[[list[int]], int], logged_steps: list[int],
+            started_from: int) -> int:
+    ahead = [s for s in logged_steps if started_from < s < logged_steps[-1]]
+    if not ahead:
+        raise KillMissed(f"no logged step is left between checkpoint {started_from} and the "
+                         f"run's last step ({logged_steps[-1]}) to interrupt it at: ask for "
+                         "fewer kills or a longer run")
+    target = choose_target(ahead)
+    if target not in ahead:
+        raise ValueError(f"step {target} is not a logged step ahead of checkpoint "
+                         f"{started_from} and before the last: choose among {ahead}")
+    return target
 
 
 def final_params(workdir: Path):
@@ -122,11 +242,12 @@ def trees_equal(a, b) -> bool:
         for x, y in zip(leaves_a, leaves_b, strict=True))
 
 
-def chaos(flags: list[str], root, *, kills: int, seed: int, max_delay: float,
-          env: dict | None = None, uninterrupted: Path | None = None) -> ChaosReport:
-    """Kills and restarts a run of `flags` in root/killed (`root` a path or gs:// URL);
-    compares with `uninterrupted` (a finished run of the same flags), which it first
-    makes in root/ if not given."""
+def chaos(flags: list[str], root, *, kills: int, seed: int, env: dict | None = None,
+          uninterrupted: Path | None = None) -> ChaosReport:
+    """Kills and restarts a run of `flags` in root/killed (`root` a path or gs:// URL) at
+    `kills` steps drawn from `seed`; compares with `uninterrupted` (a finished run of the
+    same flags, the log interval aside), which it first makes in root/ if not given.
+    """
     from imagenet_jax import storage
 
     env = dict(os.environ if env is None else env)
@@ -138,11 +259,8 @@ def chaos(flags: list[str], root, *, kills: int, seed: int, max_delay: float,
         run_to_end(flags, straight, env)
     report = ChaosReport()
     for _ in range(kills):
-        lost = kill_at_random(flags, chaotic, env, rng, max_delay)
-        if lost is None:
-            break  # finished before this kill: nothing left to interrupt
-        report.kills += 1
-        report.steps_lost.append(lost)
+        kill, _ = signal_at_step(flags, chaotic, env, rng.choice)
+        report.landed.append(kill)
     run_to_end(flags, chaotic, env)
     report.resumed = report.kills
     a, b = final_params(straight), final_params(chaotic)
@@ -154,16 +272,17 @@ def chaos(flags: list[str], root, *, kills: int, seed: int, max_delay: float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_delay", type=float, default=4.0,
-                        help="seconds: each kill lands up to this long after progress")
+    parser.add_argument("--seed", type=int, default=0, help="draws the step of each kill")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("flags", nargs="*", default=DEFAULT_FLAGS)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="chaos."))
-    report = chaos(args.flags, root, kills=args.kills, seed=args.seed, max_delay=args.max_delay)
-    print(f"workdirs: {root}; steps lost at each kill: {report.steps_lost}")
-    print(report.summary())
+    print(f"workdirs: {root}", flush=True)
+    try:
+        report = chaos(args.flags, root, kills=args.kills, seed=args.seed)
+    except KillMissed as e:
+        sys.exit(f"chaos: {e}")
+    print(report.describe())
     sys.exit(0 if report.params_equal and report.kills == args.kills else 1)
 
 

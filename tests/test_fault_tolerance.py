@@ -4,12 +4,21 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from chaos import REPO, chaos, checkpoint_steps, command, final_params, run_to_end
+from chaos import (
+    REPO,
+    KillMissed,
+    RunWatcher,
+    chaos,
+    checkpoint_steps,
+    command,
+    final_params,
+    run_to_end,
+    signal_at_step,
+)
 from conftest import resumable_config, resumable_flags, subprocess_env, tiny_config
 
 from imagenet_jax import storage
@@ -32,25 +41,27 @@ def _env():
 
 def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, uninterrupted,
                                                               tmp_path):
-    flags, workdir = _flags(tiny_dataset), tmp_path / "killed"
-    # SIGTERM: a checkpoint at the step reached, exit code 75.
-    process = subprocess.Popen(command(flags, workdir), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not checkpoint_steps(workdir) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr[-3000:]
-    stopped_at = max(checkpoint_steps(workdir))
-    assert f"preempted: saved a checkpoint at step {stopped_at}" in stderr
-    assert stopped_at < TOTAL_STEPS
+    # Every step logged, so that each signal lands at the step it is scheduled at (the log
+    # interval changes no trained number: `uninterrupted` logs every 5th step).
+    flags, workdir = _flags(tiny_dataset, "--config.log_every_steps=1"), tmp_path / "killed"
+    # SIGTERM at step 10: a checkpoint at the step reached, off the 4-step interval, and
+    # exit code 75.
+    term, stopped = signal_at_step(flags, workdir, _env(), lambda ahead: 10,
+                                   signum=signal.SIGTERM)
+    assert stopped.returncode == 75, stopped.stdout[-3000:]
+    stopped_at = term.resumed_from
+    assert f"preempted: saved a checkpoint at step {stopped_at}" in stopped.stdout
+    assert term.observed <= stopped_at < TOTAL_STEPS, term
 
-    # Then SIGKILL at random moments, twice, restarting each time (the chaos test).
-    report = chaos(flags, tmp_path, kills=2, seed=0, max_delay=1.0, env=_env(),
-                   uninterrupted=uninterrupted)
-    assert report.kills == 2, report
-    assert report.params_equal, report
+    # Then SIGKILL at two steps drawn from those ahead, restarting each time (the chaos
+    # test); a run that finished before its kill would have raised KillMissed.
+    report = chaos(flags, tmp_path, kills=2, seed=0, env=_env(), uninterrupted=uninterrupted)
+    print(report.describe())
+    assert report.kills == 2 and report.params_equal, report.describe()
+    started_from = [stopped_at] + [kill.resumed_from for kill in report.landed[:-1]]
+    for kill, start in zip(report.landed, started_from, strict=True):
+        assert start < kill.target <= kill.observed < TOTAL_STEPS, report.describe()
+        assert kill.resumed_from <= kill.observed, report.describe()
 
     # The resumed run's metrics.jsonl holds each record once, ending on the final eval.
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -61,8 +72,55 @@ def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, unin
     # augmentation the tiny run stays near chance; the demo runs of README's "Recipes at
     # scale" table and tests/test_learning.py are the evidence of learning.)
 
-    again = run_to_end(flags, uninterrupted, _env())  # a finished run says so, exits 0
+    again = run_to_end(_flags(tiny_dataset), uninterrupted, _env())  # finished: says so
     assert "already finished" in again.stdout
+
+
+# Stands in for `imagenet-jax train` of 3 steps: writes its plan, logs steps 1 to
+# argv[2] at once (each file replaced whole, as the run's are) and exits with argv[3].
+_INSTANT_RUN = """
+import json, pathlib, sys
+workdir = pathlib.Path(sys.argv[1])
+workdir.mkdir(parents=True, exist_ok=True)
+def write(name, text):
+    (workdir / ".partial").write_text(text)
+    (workdir / ".partial").replace(workdir / name)
+write("config.json", json.dumps({"config": {"log_every_steps": 1},
+                                 "derived": {"num_train_steps": 3}}))
+write("metrics.jsonl", "".join(json.dumps({"step": s, "split": "train"}) + "\\n"
+                               for s in range(1, int(sys.argv[2]) + 1)))
+sys.exit(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("last_step, exit_code, error, message", [
+    (3, 0, KillMissed, r"finished training \(step 3\) before its SIGKILL scheduled at step 2"),
+    (1, 1, RuntimeError, r"failed on its own \(exit code 1\) before step 2")],
+    ids=["finished", "failed"])
+def test_a_run_that_ends_before_its_kill_fails_the_chaos_test(monkeypatch, tmp_path, last_step,
+                                                                exit_code, error, message):
+    monkeypatch.setattr("chaos.command",
+                        lambda flags, workdir: [sys.executable, "-c", _INSTANT_RUN,
+                                                str(workdir), str(last_step), str(exit_code)])
+    with pytest.raises(error, match=message):
+        signal_at_step([], tmp_path / "run", _env(), lambda ahead: ahead[-1])
+
+
+def test_the_chaos_killer_counts_only_the_steps_its_run_logs(tmp_path):
+    def write_records(*steps):
+        (tmp_path / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "split": "train"}) + "\n" for s in steps))
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"config": {"log_every_steps": 5}, "derived": {"num_train_steps": 12}}))
+    write_records(1, 5, 10)  # left by a run killed after step 10, its checkpoint at 5
+    watcher = RunWatcher(tmp_path)
+    assert watcher.logged_steps() == [1, 5, 10, 12]
+    assert watcher.last_step() is None  # the records of the run before are not progress
+    write_records(1, 5)  # the next run starts: it drops the records past its checkpoint
+    assert watcher.last_step() == 5
+    write_records(1, 5, 10)  # the same text as before, written by this run
+    assert watcher.last_step() == 10
 
 
 def test_absurd_learning_rate_stops_naming_the_step(tiny_dataset, tmp_path):

@@ -109,7 +109,7 @@ def test_a_gs_run_killed_and_resumed_equals_an_uninterrupted_one(bucket, tiny_da
     env = dict(subprocess_env(4), **{storage.EMULATOR_ENV: os.environ[storage.EMULATOR_ENV]})
     local = tmp_path / "uninterrupted"
     run_to_end(flags, local, env)
-    report = chaos(flags, f"{bucket}/chaos", kills=1, seed=0, max_delay=1.0, env=env,
+    report = chaos(flags, f"{bucket}/chaos", kills=1, seed=0, env=env,
                    uninterrupted=local)
     assert report.kills == 1 and report.params_equal, report
     workdir = f"{bucket}/chaos/killed"
