@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--images", type=int, default=400)
     args = parser.parse_args()
-    pipeline.hide_accelerators_from_tensorflow()
+    pipeline.set_up_host()
     files = open_folder(args.root).files["train"][:args.images]
     paths = tf.constant(files)
     datasets = {name: tf.data.Dataset.range(len(files)).map(fn).with_options(

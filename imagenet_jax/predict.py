@@ -29,7 +29,7 @@ def load_image(path: str | os.PathLike, image_size: int, crop_ratio: float) -> n
 
     from imagenet_jax.data import pipeline, preprocess
 
-    pipeline.hide_accelerators_from_tensorflow()
+    pipeline.set_up_host()
     try:
         data = open(path, "rb").read()
     except OSError as e:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from imagenet_jax.data import preprocess, randaugment
+from imagenet_jax.data import allocator, preprocess, randaugment
 from imagenet_jax.data.order import Sharding, eval_examples, train_examples
 from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
@@ -22,8 +22,11 @@ from imagenet_jax.data.sources import Source
 READ_BATCH = 64   # records per read call for sources with `read_batch`
 
 
-def hide_accelerators_from_tensorflow() -> None:
-    """TensorFlow is only the input pipeline: keep it off the GPUs/TPUs JAX uses."""
+def set_up_host() -> None:
+    """What the input pipeline needs of its process (idempotent): TensorFlow kept off the
+    GPUs/TPUs JAX uses (it is only the input pipeline), and freed image-sized blocks kept
+    for reuse (`allocator`)."""
+    allocator.keep_freed_memory()
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.set_visible_devices([], "TPU")
@@ -118,7 +121,7 @@ def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: 
     int32 [L], 'flip': bool [L], 'mask': bool [L]}; skipped examples have mask False.
     A batch never straddles two epochs, so under progressive resizing its images share
     their epoch's size S."""
-    hide_accelerators_from_tensorflow()
+    set_up_host()
     spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio),
                      tuple(image_sizes), randaugment)
     ds = train_examples(source, sharding, seed, start_step)
@@ -159,7 +162,7 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
     examples. Every process yields the same number of
     batches.
     """
-    hide_accelerators_from_tensorflow()
+    set_up_host()
     indices, valid = eval_examples(source, sharding, split)
     start = start_batch * sharding.local_batch_size
     ds = tf.data.Dataset.from_tensor_slices((valid[start:], indices[start:]))
