@@ -186,8 +186,10 @@ run_training() {
   local dir args="" arg pid=logs/imagenet-jax.pid log=logs/imagenet-jax.log
   dir=$(remote_dir)
   for arg in "$@"; do args+=" $(quote "$arg")"; done
-  # A TPU is held by one process at a time: refuse to start next to a live run.
-  ssh_workers all "set -eu; cd $dir; mkdir -p logs; if [ -f $pid ] && kill -0 \"\$(cat $pid)\" 2>/dev/null; then echo \"\$(hostname): imagenet-jax is already running; $SELF stop ends it\" >&2; exit 1; fi; echo \"=== \$(date -u +%FT%TZ) started\" >> $log; nohup .venv/bin/imagenet-jax$args >> $log 2>&1 < /dev/null & echo \$! > $pid"
+  # A TPU is held by one process at a time: refuse to start next to a live run. The pid
+  # file may name a process that ended and whose pid was reused: only an imagenet-jax
+  # process counts (here and in stop).
+  ssh_workers all "set -eu; cd $dir; mkdir -p logs; if [ -f $pid ] && grep -qa imagenet-jax \"/proc/\$(cat $pid)/cmdline\" 2>/dev/null; then echo \"\$(hostname): imagenet-jax is already running; $SELF stop ends it\" >&2; exit 1; fi; echo \"=== \$(date -u +%FT%TZ) started\" >> $log; nohup .venv/bin/imagenet-jax$args >> $log 2>&1 < /dev/null & echo \$! > $pid"
 }
 
 logs() {
@@ -200,7 +202,7 @@ logs() {
 stop() {
   local dir
   dir=$(remote_dir)
-  ssh_workers all "if [ -f $dir/logs/imagenet-jax.pid ]; then kill -TERM \"\$(cat $dir/logs/imagenet-jax.pid)\" 2>/dev/null || true; fi"
+  ssh_workers all "p=\$(cat $dir/logs/imagenet-jax.pid 2>/dev/null) || exit 0; if grep -qa imagenet-jax /proc/\$p/cmdline 2>/dev/null; then kill -TERM \$p 2>/dev/null || true; fi"
 }
 
 delete() {

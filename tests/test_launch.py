@@ -261,7 +261,7 @@ def test_tpu_vm_create_stops_on_a_failed_request(tmp_path):
 # would (one worker stands for all). The VM's PATH holds the stand-ins below, which record
 # each call to $VM_LOG, and the real tools the remote commands use; nothing else.
 
-VM_TOOLS = ("cat", "cp", "date", "git", "gzip", "mkdir", "nohup", "readlink", "rm", "sed",
+VM_TOOLS = ("cat", "cp", "date", "git", "grep", "gzip", "mkdir", "nohup", "readlink", "rm", "sed",
             "sleep", "tail", "tar")
 VM_RECORD = 'record() { local words; printf -v words "%q " "$@"; echo "$words" >> "$VM_LOG"; }\n'
 VM_GCLOUD = LOG_CALL.format(name="gcloud") + '''\
@@ -626,6 +626,27 @@ def test_tpu_vm_stop_sends_sigterm_to_the_run_alone(tmp_path, installed_home):
     finally:
         bystander.kill()
         bystander.wait()
+        vm.end_trainers()
+
+
+def test_tpu_vm_pid_file_of_an_ended_run_names_no_run(tmp_path, installed_home):
+    """A pid file left by an ended run whose pid now belongs to another process: stop
+    leaves that process be, and run starts."""
+    vm, env, tree = _installed_vm(tmp_path, installed_home, TRAIN_SECONDS=str(TIMEOUT_S))
+    stranger = subprocess.Popen(["sleep", str(TIMEOUT_S)], start_new_session=True)
+    try:
+        (tree / "logs").mkdir(exist_ok=True)
+        (tree / "logs" / "imagenet-jax.pid").write_text(f"{stranger.pid}\n")
+        stopped = _launch("tpu_vm.sh", ["stop"], env)
+        assert stopped.returncode == 0, stopped.stderr
+        with pytest.raises(subprocess.TimeoutExpired):
+            stranger.wait(timeout=0.2)
+        started = _launch("tpu_vm.sh", ["run", "train"], env)
+        assert started.returncode == 0, started.stderr
+        assert len(vm.trainers(1)) == 1
+    finally:
+        stranger.kill()
+        stranger.wait()
         vm.end_trainers()
 
 
