@@ -666,6 +666,9 @@ class _QuietCheckpointLibrary(std_logging.Filter):
 def run() -> None:
     """Console entry point: `imagenet-jax COMMAND [flags]`, COMMAND defaulting to train."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data.
+    from imagenet_jax.data import allocator
+
+    allocator.keep_freed_memory()  # while this is the process's only thread (mallopt(3))
     from imagenet_jax import storage
 
     storage.configure()  # before any storage client is loaded

@@ -61,7 +61,6 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     if batches < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"bench input needs batches >= 1, repeats >= 1, warmup >= 0; got "
                           f"{batches}, {repeats}, {warmup}")
-    pipeline.set_up_host()  # before the first pass: every pass runs on the same allocator
     source, derived = recipe.plan(config)
     if isinstance(source, synthetic.SyntheticSource):
         raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "

@@ -11,7 +11,10 @@ holding the GIL, which is what limits how reads scale with cores.
 `keep_freed_memory()` raises both thresholds, so freed blocks stay in the process and
 are reused: its resident memory stays near its peak instead of returning to the OS
 between batches. With another allocator preloaded (tcmalloc, jemalloc), or off glibc,
-it does nothing.
+it does nothing. mallopt(3) is not thread-safe: the CLI calls it first thing, before
+TensorFlow or JAX start a thread; a program of its own calls it as early, or starts
+Python with the same setting in the environment:
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ TRIM_THRESHOLD = 256 * 2**20  # free memory at the top of a heap kept up to 256 
 
 def keep_freed_memory() -> bool:
     """Sets glibc's malloc to keep and reuse freed blocks; True if it took effect.
-    Process-wide and idempotent: the pipelines call it each time they are built."""
+    Process-wide; call it before any other thread starts (mallopt is not thread-safe)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
     except (OSError, AttributeError):  # not glibc (or not a POSIX dlopen)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from imagenet_jax.data import allocator, preprocess, randaugment
+from imagenet_jax.data import preprocess, randaugment
 from imagenet_jax.data.order import Sharding, eval_examples, train_examples
 from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
@@ -23,10 +23,8 @@ READ_BATCH = 64   # records per read call for sources with `read_batch`
 
 
 def set_up_host() -> None:
-    """What the input pipeline needs of its process (idempotent): TensorFlow kept off the
-    GPUs/TPUs JAX uses (it is only the input pipeline), and freed image-sized blocks kept
-    for reuse (`allocator`)."""
-    allocator.keep_freed_memory()
+    """TensorFlow is only the input pipeline: keep it off the GPUs/TPUs JAX uses. (The
+    CLI also sets the allocator up for the pipeline's buffers, `allocator`.)"""
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.set_visible_devices([], "TPU")
