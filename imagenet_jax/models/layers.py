@@ -19,10 +19,10 @@ attribute:
   the group means): what G = 1 would record. One all-reduce of 2 x C floats per layer,
   which nothing downstream in the step waits for, so XLA may overlap it with the rest.
 
-Training, for every G, is computed here with public jax ops in nnx.BatchNorm's order and
-dtypes (tests/test_private_apis.py holds one group equal to nnx.BatchNorm in float32,
-bfloat16 and float16). Evaluation (`use_running_average`) is nnx.BatchNorm's own, the
-same for every G.
+Training with G > 1 (or an unbiased running variance) is computed here with public jax
+ops in nnx.BatchNorm's order and dtypes (tests/test_private_apis.py holds that code, run
+on one group, equal to nnx.BatchNorm in float32, bfloat16 and float16). One group, and
+evaluation (`use_running_average`), are nnx.BatchNorm's own.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ class BatchNorm(nnx.BatchNorm):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
         running = self.use_running_average if use_running_average is None else use_running_average
-        if running:
+        if running or (self.num_groups == 1 and not self.unbiased_running_var):
+            # nnx.BatchNorm's own: with one group, computing it here instead changed a
+            # 2-process x 2-device run's loss by 1e-3 against 1 process x 4 devices
+            # (tests/test_multiprocess.py); not understood yet, so not taken.
             return super().__call__(x, use_running_average, mask=mask)
         if mask is not None:  # nnx.BatchNorm's masked statistics, of the whole batch only
             if self.num_groups > 1 or self.unbiased_running_var:
