@@ -1,16 +1,15 @@
 """A prepared TensorFlow Datasets image-classification dataset as a `sources.Source`.
 
 Random access by index needs the dataset's ArrayRecord files. Records are read by
-array_record's C++ reader (`ArrayRecordShards`: one reader per shard file, called from
-`tf.numpy_function` on a batch of indices) and parsed in the graph with the images left
-encoded, so decoding stays in our pipeline like for any other source. The C++ reader
-releases the GIL while it reads and decompresses, so tf.data's threads read in parallel;
-what holds the GIL is the call and copying each record into a Python `bytes`, a few
-microseconds a record (BENCHMARKS.md, "Reading TFDS records"). TFDS's own data source
-is not used to read: it starts a thread pool on every batched call and walks each
-index in Python, which serialised the reads on the GIL at about 15,000 records/s per
-host. TFRecord files have no random access; such a dataset must be converted or
-prepared again.
+array_record's C++ reader (`ArrayRecordShards`: one reader per shard file, one record
+per call, from one `tf.numpy_function` call per batch of indices) and parsed in the
+graph with the images left encoded, so decoding stays in our pipeline like for any other
+source. The C++ reader releases the GIL while it reads and decompresses, so tf.data's
+threads read in parallel; what still holds the GIL is copying each record into a Python
+`bytes` and from there into a string tensor (~87 us for a 118 KB record on the VM of
+BENCHMARKS.md, "Input at pod scale"), which caps one process's reads. TFDS's own data
+source is not used to read: it starts a thread pool on every batched call. TFRecord
+files have no random access; such a dataset must be converted or prepared again.
 
 The splits are "train" and "val"; "val" is the dataset's 'validation' split, or its
 'test' split when it has no 'validation'.
@@ -42,10 +41,9 @@ class ArrayRecordShards:
     """Random access to the records of one split's ArrayRecord shard files.
 
     `read(indices)` returns the serialized records at those positions of the split (the
-    shards in order): each shard's positions go to its C++ reader in one call, which
-    reads them without holding the GIL. Readers open on first use (a host touches the
-    1,024 shards of ImageNet's train split within its first batches) and are safe to
-    share between threads.
+    shards in order), one C++ reader call per record, which reads without holding the
+    GIL. Readers open on first use (a host touches the 1,024 shards of ImageNet's train
+    split within its first batches) and are safe to share between threads.
     """
 
     # Random access: no read-ahead and no thread pool inside a call (tf.data's threads
@@ -130,9 +128,9 @@ class TfdsSource:
         """In-graph: int64 indices [n] -> (encoded images [n], int32 labels [n]); None when
         the records do not store the image and label as plain top-level features.
 
-        One Python call fetches n records (ArrayRecord's batched read) and one
-        `tf.io.parse_example` parses them: the per-call cost of going through Python,
-        which holds the GIL, is paid once per n images instead of once per image.
+        One Python call fetches n records and one `tf.io.parse_example` parses them: the
+        per-call cost of going through Python, which holds the GIL, is paid once per n
+        images instead of once per image.
         """
         serialized_info = self.features.get_serialized_info()
         plain = {self.image_key: tf.string, self.label_key: tf.int64}
