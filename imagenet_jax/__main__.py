@@ -1,3 +1,4 @@
 from imagenet_jax.cli import run
 
-run()
+if __name__ == "__main__":  # not when a spawned reader process imports it
+    run()

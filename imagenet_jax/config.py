@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 'stop' ends the run (exit code 3) and 'skip' counts it and carries on.
     c.on_nonfinite = "stop"
     c.prefetch_batches = 2           # global batches in flight to the devices
+    # 'tfds:' datasets: read records in this many reader processes of their own; 0 = in the
+    # pipeline's threads, which hold Python's GIL for part of each record and so cap one
+    # process near 12,000-16,000 records/s on any core count; -1 = by core count: none
+    # below 16 cores (reading in threads is cheaper there), then one per 16 (data/records.py).
+    c.tfds_read_processes = -1
     # A failing read of an image or a checkpoint is tried this often, waiting
     # read_retry_delay_s, then twice that, ..., before the image counts as unreadable or
     # the checkpoint as damaged (a few seconds of NFS or Cloud Storage trouble cost nothing).
@@ -301,6 +306,9 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
         check(config[name] > 0, f"{name} must be positive, got {config[name]}")
     check(config.eval_every_epochs > 0,
           f"eval_every_epochs must be positive, got {config.eval_every_epochs}")
+    check(isinstance(config.tfds_read_processes, int) and config.tfds_read_processes >= -1,
+          "tfds_read_processes must be -1 (by core count), 0 (in the pipeline's threads) or "
+          f"a number of processes, got {config.tfds_read_processes!r}")
     check(isinstance(config.read_attempts, int) and config.read_attempts >= 1,
           f"read_attempts must be a positive integer, got {config.read_attempts!r}")
     check(config.read_retry_delay_s >= 0,

@@ -1,4 +1,4 @@
-"""Stores: ArrayRecord shards read by index, and downscaled copies (`prepare --max_size`)."""
+"""Stores: downscaled copies (`prepare --max_size`)."""
 
 import io
 import subprocess
@@ -8,39 +8,12 @@ import fake_imagenet
 import numpy as np
 import pytest
 import tensorflow as tf
-from array_record.python import array_record_module
 from conftest import REPO, subprocess_env
 from PIL import Image
 
 from imagenet_jax.data import downscale, prepare, sources, tfds_source
 
 MAX_SIZE = 48  # the fake download's images are 40-64 px: some are downscaled, some kept
-
-
-def _write_shards(folder, lengths):
-    """Shard files holding records b'<shard>:<position>', as TFDS writes them (group_size 1)."""
-    paths = []
-    for shard, length in enumerate(lengths):
-        path = str(folder / f"data.array_record-{shard:05d}-of-{len(lengths):05d}")
-        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-        for position in range(length):
-            writer.write(f"{shard}:{position}".encode())
-        writer.close()
-        paths.append(path)
-    return paths
-
-
-def test_shards_read_any_index_across_files(tmp_path):
-    lengths = [5, 1, 7, 3]
-    records = tfds_source.ArrayRecordShards(_write_shards(tmp_path, lengths), lengths)
-    expected = [f"{s}:{p}".encode() for s, n in enumerate(lengths) for p in range(n)]
-    assert len(records) == 16
-    indices = np.random.default_rng(0).integers(0, 16, 50)
-    assert records.read(indices) == [expected[i] for i in indices]
-    assert records.read([]) == [] and records[15] == b"3:2" and records[5] == b"1:0"
-    for bad in ([16], [-1]):
-        with pytest.raises(IndexError, match=r"\[0, 16\)"):
-            records.read(bad)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """TFDS: preparing ImageNet-2012 from a (fake) manual download, and reading it by index."""
 
+import dataclasses
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO, subprocess_env
 
 from imagenet_jax.data import order, pipeline, prepare, tfds_source
+from imagenet_jax.data import records as data_records
 
 
 @pytest.fixture(scope="session")
@@ -150,14 +154,16 @@ def test_cli_prepare(prepared, fake_download, tmp_path):
 
 def test_fake_imagenet_prepares_and_trains(prepared, tmp_path):
     """The prepared fake download trains end to end through `--config.dataset=tfds:...`:
-    1,000 classes from the builder's label set, every validation example evaluated once."""
+    1,000 classes from the builder's label set, every validation example evaluated once;
+    read by reader processes, whose slot files are gone when the run ends."""
+    slots = _slot_folders()
     data_dir, counts = prepared
     workdir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "imagenet_jax", "train", f"--config={REPO}/tests/tiny_config.py",
          "--config.dataset=tfds:imagenet2012", f"--config.data_dir={data_dir}",
          "--config.batch_size=8", "--config.eval_batch_size=8", "--config.num_epochs=2",
-         "--config.log_every_steps=1", f"--workdir={workdir}"],
+         "--config.log_every_steps=1", "--config.tfds_read_processes=2", f"--workdir={workdir}"],
         cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = json.loads((workdir / "config.json").read_text())["derived"]
@@ -167,11 +173,21 @@ def test_fake_imagenet_prepares_and_trains(prepared, tmp_path):
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 2 * (counts["train"] // 8) and np.isfinite(train[-1]["loss"])
     assert records[-1]["split"] == "val" and records[-1]["num_examples"] == counts["validation"]
+    assert _slot_folders() <= slots
 
 
-def test_batched_read_equals_one_at_a_time(source):
-    """`read_batch` (one Python call per READ_BATCH records) reads what `read` does, and the
-    pipelines built on it give the same batches as reading one record at a time."""
+def _slot_folders() -> set[str]:
+    """The reader processes' slot folders in shared memory, of every process."""
+    return set(glob.glob(os.path.join(data_records.shared_memory_dir(),
+                                      data_records.SLOTS_PREFIX + "*")))
+
+
+@pytest.mark.parametrize("read_processes", [0, 2], ids=["threads", "processes"])
+def test_batched_read_equals_one_at_a_time(source, read_processes):
+    """`read_batch` (one Python call per READ_BATCH records, or reader processes) reads
+    what `read` does, and the pipelines built on it give the same batches as reading one
+    record at a time."""
+    source = dataclasses.replace(source, read_processes=read_processes)
     read, read_batch = source.read("train"), source.read_batch("train")
     assert read_batch is not None
     indices = tf.constant([3, 0, 7, 7, 1], tf.int64)

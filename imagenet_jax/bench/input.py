@@ -183,6 +183,7 @@ def describe(config: ml_collections.ConfigDict, source: Source, sharding: order.
     return {
         "dataset": config.dataset,
         "source": parse_dataset(config.dataset)[0],  # what was read: folder, tfds or demo
+        "read_processes": getattr(source, "read_processes", 0),  # TFDS's reader processes
         "image_size": config.image_size,
         "global_batch_size": sharding.global_batch_size,
         "processes": sharding.process_count,

@@ -128,17 +128,21 @@ class FolderSource:
         return digest.hexdigest()
 
 
-def get_source(spec: str, data_dir: str | None = None) -> Source:
+def get_source(spec: str, data_dir: str | None = None, tfds_read_processes: int = 0) -> Source:
     """Opens the dataset named by `spec`, generating the demo dataset on first use.
 
-    `data_dir` is TFDS's data directory (None: TFDS's default) for `tfds:` datasets.
+    `data_dir` is TFDS's data directory (None: TFDS's default) for `tfds:` datasets, and
+    `tfds_read_processes` their reader processes (0: none; -1: by core count).
     """
     kind, arg = parse_dataset(spec)
     if kind == "synthetic":
         return synthetic.parse_synthetic(arg)
     if kind == "tfds":
-        from imagenet_jax.data import tfds_source  # TFDS is slow to import: only when used
-        return tfds_source.open_tfds(arg, data_dir)
+        # TFDS is slow to import: only when used
+        from imagenet_jax.data import records, tfds_source
+        processes = (records.auto_processes() if tfds_read_processes == -1
+                     else tfds_read_processes)
+        return tfds_source.open_tfds(arg, data_dir, read_processes=processes)
     if kind == "demo":
         return open_folder(demo.ensure_demo_dataset())
     return open_folder(arg if storage.is_url(arg) else Path(arg).expanduser())

@@ -1,15 +1,15 @@
 """A prepared TensorFlow Datasets image-classification dataset as a `sources.Source`.
 
 Random access by index needs the dataset's ArrayRecord files. Records are read by
-array_record's C++ reader (`ArrayRecordShards`: one reader per shard file, one record
-per call, from one `tf.numpy_function` call per batch of indices) and parsed in the
-graph with the images left encoded, so decoding stays in our pipeline like for any other
-source. The C++ reader releases the GIL while it reads and decompresses, so tf.data's
-threads read in parallel; what still holds the GIL is copying each record into a Python
-`bytes` and from there into a string tensor (~87 us for a 118 KB record on the VM of
-BENCHMARKS.md, "Input at pod scale"), which caps one process's reads. TFDS's own data
-source is not used to read: it starts a thread pool on every batched call. TFRecord
-files have no random access; such a dataset must be converted or prepared again.
+array_record's C++ reader (`records.ArrayRecordShards`), in batches of indices: in the
+pipeline's threads through one `tf.numpy_function` call per batch, or, with
+`read_processes`, in reader processes that hand each batch over through a file in shared
+memory (`records.ReaderProcesses`: reads in the pipeline's threads hold the GIL for part
+of each record, which caps one process's reads; see records.py). Either way the records
+are parsed in the graph with the images left encoded, so decoding stays in our pipeline
+like for any other source. TFDS's own data source is not used to read: it starts a
+thread pool on every batched call. TFRecord files have no random access; such a dataset
+must be converted or prepared again.
 
 The splits are "train" and "val"; "val" is the dataset's 'validation' split, or its
 'test' split when it has no 'validation'.
@@ -22,67 +22,19 @@ import difflib
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
 from etils import epath
+
+from imagenet_jax.data.records import ArrayRecordShards
 
 SPLITS = ("train", "val")
 IMAGENET = "imagenet2012"
 STORE_KEY = "imagenet_jax_store"  # metadata.json: how a copy was downscaled (prepare)
-
-
-class ArrayRecordShards:
-    """Random access to the records of one split's ArrayRecord shard files.
-
-    `read(indices)` returns the serialized records at those positions of the split (the
-    shards in order), one C++ reader call per record, which reads without holding the
-    GIL. Readers open on first use (a host touches the 1,024 shards of ImageNet's train
-    split within its first batches) and are safe to share between threads.
-    """
-
-    # Random access: no read-ahead and no thread pool inside a call (tf.data's threads
-    # are the parallelism), as array_record advises for random reads.
-    READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
-
-    def __init__(self, paths: list[str], lengths: list[int]):
-        self.paths = [os.fspath(path) for path in paths]
-        self._starts = np.cumsum([0, *lengths], dtype=np.int64)
-        self._readers: list[Any] = [None] * len(self.paths)
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def read(self, indices: np.ndarray | list[int]) -> list[bytes]:
-        indices = np.asarray(indices, np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"record indices must be in [0, {len(self)}); got "
-                             f"{indices.min()}..{indices.max()}")
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        positions = (indices - self._starts[shards]).tolist()
-        # One record per call: the reader's batched read hands the records to its own
-        # thread pool and reads at a fraction of the rate, without scaling across threads.
-        return [self._reader(shard).read([position])[0]
-                for shard, position in zip(shards.tolist(), positions, strict=True)]
-
-    def __getitem__(self, index: int) -> bytes:
-        return self.read([index])[0]
-
-    def _reader(self, shard: int):
-        reader = self._readers[shard]
-        if reader is None:
-            with self._lock:
-                if (reader := self._readers[shard]) is None:
-                    reader = array_record_module.ArrayRecordReader(
-                        self.paths[shard], self.READER_OPTIONS)
-                    self._readers[shard] = reader
-        return reader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +51,7 @@ class TfdsSource:
     records: dict[str, ArrayRecordShards]  # "train"/"val" -> serialized records
     shards: tuple[str, ...] = ()  # "split file records" per shard file: what is read
     store: str | None = None      # a downscaled copy: how ('max_size=256,quality=90')
+    read_processes: int = 0       # reader processes for batched reads; 0 = the pipeline's threads
 
     @property
     def num_classes(self) -> int:
@@ -138,17 +91,13 @@ class TfdsSource:
                or getattr(serialized_info.get(key), "shape", None) != ()
                for key, dtype in plain.items()):
             return None
-        records = self.records[split]
         spec = {self.image_key: tf.io.FixedLenFeature([], tf.string),
                 self.label_key: tf.io.FixedLenFeature([], tf.int64)}
-
-        def read_records(indices: np.ndarray) -> np.ndarray:
-            return np.asarray(records.read(indices), dtype=object)
+        read_serialized = (_read_in_threads(self.records[split]) if not self.read_processes
+                           else _read_in_processes(self.records[split], self.read_processes))
 
         def read_examples(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            serialized = tf.numpy_function(read_records, [indices], tf.string, stateful=False)
-            serialized.set_shape([None])
-            parsed = tf.io.parse_example(serialized, spec)
+            parsed = tf.io.parse_example(read_serialized(indices), spec)
             return parsed[self.image_key], tf.cast(parsed[self.label_key], tf.int32)
 
         return read_examples
@@ -185,12 +134,50 @@ class TfdsSource:
         return f"{where} {values[0].decode()}" if values else where
 
 
+def _read_in_threads(records: ArrayRecordShards) -> Callable[[tf.Tensor], tf.Tensor]:
+    """int64 indices [n] -> serialized records [n], read in the calling tf.data thread."""
+    def read(indices: np.ndarray) -> np.ndarray:
+        return np.asarray(records.read(indices), dtype=object)
+
+    def read_serialized(indices: tf.Tensor) -> tf.Tensor:
+        # The same indices always give the same bytes: not stateful, so tf.data may
+        # reorder and parallelise the calls freely.
+        serialized = tf.numpy_function(read, [indices], tf.string, stateful=False)
+        serialized.set_shape([None])
+        return serialized
+
+    return read_serialized
+
+
+def _read_in_processes(records: ArrayRecordShards, count: int
+                       ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """int64 indices [n] -> serialized records [n], read by `count` reader processes into
+    a slot file that tf.io.read_file reads outside Python."""
+    readers = records.processes(count)
+
+    def read_serialized(indices: tf.Tensor) -> tf.Tensor:
+        # Stateful: each call takes a slot, which the second hands back once it is read.
+        slot, lengths = tf.numpy_function(readers.read, [indices], (tf.string, tf.int64),
+                                          stateful=True)
+        slot.set_shape([])
+        lengths.set_shape([None])
+        contents = tf.io.read_file(slot)
+        with tf.control_dependencies([contents]):
+            released = tf.numpy_function(readers.release, [slot], tf.bool, stateful=True)
+        with tf.control_dependencies([released]):
+            return tf.strings.substr(contents, tf.math.cumsum(lengths, exclusive=True), lengths)
+
+    return read_serialized
+
+
 def open_tfds(name: str, data_dir: str | None = None,
-              splits: tuple[str, ...] = SPLITS) -> TfdsSource:
+              splits: tuple[str, ...] = SPLITS, read_processes: int = 0) -> TfdsSource:
     """Opens the prepared dataset `name` under `data_dir` (TFDS's default when None).
 
     `splits`: ("val",) opens a dataset to evaluate on, which may have no train split
-    (ImageNetV2 has only 'test').
+    (ImageNetV2 has only 'test'). `read_processes`: batched reads (the pipelines') in
+    that many reader processes of their own, started on first use (records.py); 0 = in
+    the pipeline's threads.
 
     Raises:
       ValueError: unknown dataset, not image classification, no train/val splits, or
@@ -215,7 +202,7 @@ def open_tfds(name: str, data_dir: str | None = None,
                      for filename, length in zip(info.splits[split_names[split]].filenames,
                                                  info.splits[split_names[split]].shard_lengths,
                                                  strict=True)),
-        store=read_store(builder.data_dir))
+        store=read_store(builder.data_dir), read_processes=read_processes)
 
 
 def read_store(dataset_dir: str | os.PathLike) -> str | None:
