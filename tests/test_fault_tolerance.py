@@ -39,12 +39,12 @@ def _env():
     return subprocess_env(4)
 
 
-def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, uninterrupted,
-                                                              tmp_path):
+def test_sigterm_then_sigkill_resume_to_identical_parameters(tiny_dataset, uninterrupted,
+                                                             tmp_path):
     # Every step logged, so that each signal lands at the step it is scheduled at (the log
     # interval changes no trained number: `uninterrupted` logs every 5th step).
     flags, workdir = _flags(tiny_dataset, "--config.log_every_steps=1"), tmp_path / "killed"
-    # SIGTERM at step 10: a checkpoint at the step reached, off the 4-step interval, and
+    # SIGTERM at step 10: a checkpoint at the step reached, off the 12-step interval, and
     # exit code 75.
     term, stopped = signal_at_step(flags, workdir, _env(), lambda ahead: 10,
                                    signum=signal.SIGTERM)
@@ -53,11 +53,12 @@ def test_sigterm_then_sigkills_resume_to_identical_parameters(tiny_dataset, unin
     assert f"preempted: saved a checkpoint at step {stopped_at}" in stopped.stdout
     assert term.observed <= stopped_at < TOTAL_STEPS, term
 
-    # Then SIGKILL at two steps drawn from those ahead, restarting each time (the chaos
-    # test); a run that finished before its kill would have raised KillMissed.
-    report = chaos(flags, tmp_path, kills=2, seed=0, env=_env(), uninterrupted=uninterrupted)
+    # Then SIGKILL at a step drawn from those ahead and restart (the chaos test, once here;
+    # `make chaos` kills five times); a run that finished before its kill would have
+    # raised KillMissed.
+    report = chaos(flags, tmp_path, kills=1, seed=0, env=_env(), uninterrupted=uninterrupted)
     print(report.describe())
-    assert report.kills == 2 and report.params_equal, report.describe()
+    assert report.kills == 1 and report.params_equal, report.describe()
     started_from = [stopped_at] + [kill.resumed_from for kill in report.landed[:-1]]
     for kill, start in zip(report.landed, started_from, strict=True):
         assert start < kill.target <= kill.observed < TOTAL_STEPS, report.describe()
