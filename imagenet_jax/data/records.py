@@ -15,8 +15,11 @@ copy, and a hand-over between processes), so on a few cores, where decoding is t
 long before reading, reading in the pipeline's own threads is faster (BENCHMARKS.md, "TFDS
 reads"): `auto_processes` picks by core count.
 
-This module imports no TensorFlow: the workers are started fresh (spawn) and load only
-numpy and array_record.
+This module imports no TensorFlow: the workers are started fresh (multiprocessing's
+spawn, never a fork of a process running TensorFlow's and JAX's threads) and load only
+numpy and array_record. Like any spawned worker they import the program's main module
+again: the CLI's is guarded; a script of one's own that builds TFDS pipelines with reader
+processes needs its `if __name__ == "__main__":` guard too (or `tfds_read_processes=0`).
 """
 
 from __future__ import annotations
