@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from chaos import final_params
 from conftest import REPO, subprocess_env
 
@@ -22,14 +23,24 @@ def _flags(dataset, workdir, *extra):
             *extra]
 
 
-def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("recipe", [
+    (),
+    # BatchNorm over groups of 8 examples (2 per device), at a learning rate where such
+    # small groups do not make training chaotic (tests/test_train.py says why). Slow (40 s
+    # more): groups need no collective across processes, and 1 vs 8 devices with groups
+    # is in the default run (test_train); `make test-slow` runs it.
+    pytest.param(("--config.batchnorm_group_examples=8", "--config.learning_rate=0.05"),
+                 marks=pytest.mark.slow)], ids=["batch_norm", "batch_norm_groups"])
+def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_dataset, tmp_path,
+                                                                     recipe):
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
     launched = subprocess.run([str(REPO / "launch" / "local.sh"), "2",
-                               *_flags(tiny_dataset, two)], cwd=REPO, env=subprocess_env(2),
-                              capture_output=True, text=True, timeout=300)
+                               *_flags(tiny_dataset, two, *recipe)], cwd=REPO,
+                              env=subprocess_env(2), capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "[1] Log: " in launched.stdout  # both processes ran, their output prefixed
-    alone = subprocess.run([sys.executable, "-m", "imagenet_jax", *_flags(tiny_dataset, one)],
+    alone = subprocess.run([sys.executable, "-m", "imagenet_jax",
+                            *_flags(tiny_dataset, one, *recipe)],
                            cwd=REPO, env=subprocess_env(4), capture_output=True, text=True,
                            timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
