@@ -77,7 +77,8 @@ def test_reader_processes_read_what_the_shards_hold(shards):
         readers.read(np.array([3, 16]))
     assert _read_slot(readers, [15, 0]) == [EXPECTED[15], EXPECTED[0]]  # still serving
     readers.close()
-    assert not os.path.exists(readers.directory)
+    assert readers.closed and not os.path.exists(readers.directory)
+    assert shards.processes(2) is not readers  # a closed pool is not handed out again
 
 
 def test_a_dead_reader_process_is_replaced(shards, caplog):

@@ -101,7 +101,7 @@ class ArrayRecordShards:
         """`count` reader processes over these shards, started on first use and shared by
         every pipeline of this process that asks for as many."""
         with self._lock:
-            if count not in self._processes:
+            if count not in self._processes or self._processes[count].closed:
                 self._processes[count] = ReaderProcesses(self.paths, self.lengths, count)
             return self._processes[count]
 
@@ -126,8 +126,8 @@ class ReaderProcesses:
     writing fresh ones here. There are as many slots as batches were ever in flight at
     once (tf.data's parallel calls), each the size of a batch of records.
 
-    A worker that dies (e.g. killed for memory) breaks the pool: it is started again once
-    and the batch retried; workers exit when the input process does, even on SIGKILL,
+    A worker that dies (e.g. killed for memory) breaks the pool: it is started again and
+    the batch tried once more; workers exit when the input process does, even on SIGKILL,
     and the slots of a process that died are removed by the next pool started.
     """
 
@@ -168,6 +168,10 @@ class ReaderProcesses:
 
     def close(self) -> None:
         self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def _submit(self, indices: np.ndarray, slot: str) -> np.ndarray:
         pool = self._pools[-1]
