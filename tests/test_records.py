@@ -95,22 +95,27 @@ def test_a_dead_reader_process_is_replaced(shards, caplog):
         readers.close()
 
 
-def _children(parent, readers):
-    """The reader processes: children of `parent` that hold `readers`' shards open."""
+def _children(parent, readers=None):
+    """Running children of `parent` (read from /proc); with `readers`, only those holding
+    its shard files open: its reader processes."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            if int(fields[1]) == parent and fields[0] != "Z" and any(
-                    os.readlink(f"/proc/{entry}/fd/{fd}") in readers._initargs[0]
-                    for fd in os.listdir(f"/proc/{entry}/fd")):
-                found.append(int(entry))
+            state, ppid = _stat(pid)
+            if ppid == parent and state != "Z" and (readers is None or any(
+                    os.readlink(f"/proc/{pid}/fd/{fd}") in readers._initargs[0]
+                    for fd in os.listdir(f"/proc/{pid}/fd"))):
+                found.append(int(pid))
         except OSError:  # ended meanwhile
             continue
     return found
+
+
+def _stat(pid) -> tuple[str, int]:
+    """(state, parent pid) of a process: 'Z' for one that ended and was not reaped."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return fields[0], int(fields[1])
 
 
 _PARENT = """
@@ -126,8 +131,7 @@ time.sleep(600)
 
 def _alive(pid):
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 
@@ -139,7 +143,7 @@ def test_reader_processes_end_with_a_killed_input_process(tmp_path):
     try:
         directory = parent.stdout.readline().strip()
         assert os.path.isdir(directory), directory
-        workers = _all_children(parent.pid)  # the reader that served the read, at least
+        workers = _children(parent.pid)  # the reader that served the read, at least
         assert workers
     finally:
         parent.kill()
@@ -151,18 +155,6 @@ def test_reader_processes_end_with_a_killed_input_process(tmp_path):
     assert os.path.isdir(directory)  # SIGKILL: nothing could clean up ...
     records.remove_orphaned_slots()  # ... until the next pool starts
     assert not os.path.exists(directory)
-
-
-def _all_children(parent):
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rpartition(")")[2].split()[1]) == parent:
-                    children.append(int(entry))
-        except OSError:
-            continue
-    return children
 
 
 def test_processes_by_core_count():
