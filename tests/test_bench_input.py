@@ -40,3 +40,35 @@ def test_bench_input_refuses_synthetic_data():
         cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "has no input pipeline to measure" in result.stderr
+
+
+def test_a_pass_is_timed_to_its_last_element_not_its_tear_down():
+    """`prefetch_to_device` releases the tf.data iterator it drains inside its own last
+    step: that tear-down (about a second at times) must fall outside the clock."""
+    from imagenet_jax.bench.input import time_pass
+    from imagenet_jax.data.feeding import prefetch_to_device
+
+    now = [0.0]
+
+    class Batches:  # like a tf.data iterator: slow to release
+        def __init__(self):
+            self.left = 3
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if not self.left:
+                raise StopIteration
+            self.left -= 1
+            now[0] += 1.0  # each batch takes a second
+            return self.left
+
+        def __del__(self):
+            now[0] += 100.0
+
+    def make():
+        return prefetch_to_device(Batches(), 2, lambda batch: batch)
+
+    assert time_pass(make, block=False, clock=lambda: now[0]) == 3.0
+    assert now[0] == 103.0  # released, outside the clock
