@@ -277,18 +277,19 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     imagenet = sorted(w for w, s in wordnet.load().synsets.items() if s.is_class)
     class_names = tuple(imagenet) if num_classes == 1000 else tuple(
         f"class_{i}" for i in range(num_classes))
-    try:
-        if not open_dataset:
-            raise ConfigError("dataset not opened")
-        source, derived = recipe.plan(config)
+    source = derived = None
+    if open_dataset:
+        try:
+            source, derived = recipe.plan(config)
+        except ConfigError:  # no dataset here: the classes and sizes come from the weights
+            pass
+    if source is not None:
         if source.num_classes != num_classes:
             raise ConfigError(f"the weights have {num_classes} classes and dataset "
                               f"{config.dataset!r} {source.num_classes}; fine-tuning to other "
                               "classes needs a new head, which import does not make")
         class_names = tuple(source.class_names)
-    except ConfigError as e:
-        if "classes" in str(e):
-            raise
+    else:
         derived = derive(config, num_classes=num_classes, num_train_examples=config.batch_size,
                          num_eval_examples=0, num_devices=jax.device_count(),
                          num_processes=jax.process_count(), platform=jax.devices()[0].platform)

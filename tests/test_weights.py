@@ -144,3 +144,17 @@ def test_import_writes_a_step_0_run_that_exports_the_same_file(tmp_path):
     assert all(np.array_equal(before[k], after[k]) for k in before)
     with pytest.raises(Exception, match="already holds checkpoints"):
         import_to_workdir("resnet18", path, workdir, config, open_dataset=False)
+
+
+def test_import_refuses_weights_of_another_class_count_than_the_dataset(tiny_dataset, tmp_path):
+    from conftest import tiny_config
+
+    from imagenet_jax.config import ConfigError
+    from imagenet_jax.weights import import_to_workdir
+
+    path = seeded_file("resnet18", tmp_path)  # 16 classes; the tiny dataset has 10
+    config = tiny_config(tiny_dataset)
+    with pytest.raises(ConfigError, match="the weights have 16 classes and dataset .* 10; "
+                                          "fine-tuning to other classes needs a new head"):
+        import_to_workdir("resnet18", path, tmp_path / "run", config)
+    assert not (tmp_path / "run").exists()
