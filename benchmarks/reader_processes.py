@@ -45,11 +45,10 @@ def write_shards(out: Path, shards: int, per_shard: int, record_bytes: int
     paths = []
     for shard in range(shards):
         path = out / f"records.array_record-{shard:05d}-of-{shards:05d}"
-        if not path.exists():
-            writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
-            for _ in range(per_shard):
-                writer.write(rng.integers(0, 256, record_bytes, np.uint8).tobytes())
-            writer.close()
+        writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
+        for _ in range(per_shard):
+            writer.write(rng.integers(0, 256, record_bytes, np.uint8).tobytes())
+        writer.close()
         paths.append(path)
     return records.ArrayRecordShards(paths, [per_shard] * shards)
 
@@ -64,8 +63,8 @@ def read_in_threads(shards: records.ArrayRecordShards, batches: list[np.ndarray]
 
 
 def read_in_processes(readers: records.ReaderProcesses, batches: list[np.ndarray],
-                      in_flight: int) -> float:
-    buffer = bytearray(BATCH * 4 << 20)
+                      in_flight: int, batch_bytes: int) -> float:
+    buffer = bytearray(batch_bytes)
 
     def read(indices: np.ndarray) -> int:
         slot, lengths = readers.read(indices)
@@ -86,6 +85,11 @@ def read_in_processes(readers: records.ReaderProcesses, batches: list[np.ndarray
         return time.perf_counter() - start
 
 
+def counts_up_to(cores: int) -> list[int]:
+    """1, 2, 4, ... below `cores`, then `cores` itself."""
+    return sorted({2**i for i in range(cores.bit_length()) if 2**i < cores} | {cores})
+
+
 def main() -> None:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,7 +99,7 @@ def main() -> None:
     parser.add_argument("--record_kb", type=int, default=118)
     parser.add_argument("--reads", type=int, default=8192)
     parser.add_argument("--counts", type=int, nargs="+",
-                        default=sorted({min(2**i, cores) for i in range(8) if 2**i <= cores}))
+                        default=counts_up_to(cores))
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     allocator.keep_freed_memory()  # as the CLI does, before any thread starts
@@ -113,7 +117,8 @@ def main() -> None:
             for count in args.counts:
                 for kind, elapsed in (
                         ("threads", read_in_threads(shards, batches, count)),
-                        ("processes", read_in_processes(readers[count], batches, count))):
+                        ("processes", read_in_processes(readers[count], batches, count,
+                                                        BATCH * args.record_kb * 1024))):
                     if round_:
                         seconds.setdefault((kind, count), []).append(elapsed)
     finally:
