@@ -61,6 +61,13 @@
       images downscaled to at most N pixels on their longer side (JPEG --quality, default
       90), a smaller store that decodes faster, into its own --data_dir. With --folder,
       writes such a copy of an image folder to --out instead.
+  imagenet-jax data-service dispatcher --port=P [--work_dir=DIR]
+  imagenet-jax data-service worker --dispatcher=HOST:P [--port=P] [--worker_host=NAME]
+                                   [--cpus=0,1,...]
+      Runs a tf.data service server until killed, for --config.data_service=grpc://HOST:P:
+      the dispatcher (with --work_dir, local or gs://, in fault-tolerant mode: its jobs
+      survive a restart), or a worker that runs the input pipelines of the runs it serves
+      (on CPU machines; clients reach it at --worker_host, default this host's name).
 
 Exit status: 0 done (or already done); 2 a bad config or flag, before anything runs, with
 one line saying what is wrong and what is valid; 3 a non-finite loss or gradient norm
@@ -158,6 +165,17 @@ def _define_flags() -> None:
     flags.DEFINE_integer("quality", 90, "prepare: JPEG quality of the downscaled images.")
     flags.DEFINE_string("folder", None, "prepare: an image folder to copy downscaled "
                         "(with --out and --max_size) instead of preparing ImageNet for TFDS.")
+    flags.DEFINE_integer("port", None, "data-service: the port to listen on (a worker's "
+                         "default: any free one).")
+    flags.DEFINE_string("work_dir", None, "data-service dispatcher: its journal (local or "
+                        "gs://): fault-tolerant mode, jobs survive a restart.")
+    flags.DEFINE_string("dispatcher", None, "data-service worker: the dispatcher's HOST:PORT.")
+    flags.DEFINE_string("worker_host", None, "data-service worker: the name or address "
+                        "clients reach this worker at. Default: this host's name.")
+    flags.DEFINE_list("cpus", None, "data-service worker: run on these CPUs only, e.g. 0,1 "
+                      "(its tf.data threads sized to them). Default: every CPU.")
+    flags.DEFINE_integer("exit_with_parent", 0, "data-service worker: end when the process "
+                         "of this pid ends (the workers a run starts for local:N).")
 
 
 def _fail(message: str) -> None:
@@ -587,9 +605,34 @@ def prepare(argv: list[str]) -> None:
           + ", ".join(f"{split} {n:,}" for split, n in counts.items()))
 
 
+DATA_SERVICE_ROLES = ("dispatcher", "worker")
+
+
+def data_service(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in DATA_SERVICE_ROLES:
+        _fail(f"data-service takes one role, got {argv[1:]}; valid roles: "
+              f"{', '.join(DATA_SERVICE_ROLES)}")
+    from imagenet_jax.data import service
+
+    if argv[1] == "dispatcher":
+        if FLAGS.port is None:
+            _fail("data-service dispatcher needs --port=P, the port workers and runs reach it on")
+        service.serve_dispatcher(FLAGS.port, FLAGS.work_dir or "")
+        return
+    if not FLAGS.dispatcher or ":" not in FLAGS.dispatcher:
+        _fail(f"data-service worker needs --dispatcher=HOST:PORT, got {FLAGS.dispatcher!r}")
+    if FLAGS.cpus:  # before TensorFlow sizes its thread pools
+        try:
+            os.sched_setaffinity(0, {int(cpu) for cpu in FLAGS.cpus})
+        except (ValueError, OSError) as e:
+            _fail(f"data-service worker --cpus={','.join(FLAGS.cpus)}: {e}")
+    service.serve_worker(FLAGS.dispatcher, FLAGS.port or 0, FLAGS.worker_host or "",
+                         FLAGS.exit_with_parent)
+
+
 COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "import": import_weights,
             "export": export_weights, "plot": plot, "models": list_models, "bench": bench,
-            "prepare": prepare}
+            "prepare": prepare, "data-service": data_service}
 
 _JOB = ("coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
         "heartbeat_timeout_s", "compilation_cache_dir")
@@ -607,6 +650,8 @@ COMMAND_FLAGS = {
               "device_counts", "json", *_JOB),
     "prepare": ("manual_dir", "data_dir", "allow_partial", "max_size", "quality", "folder",
                 "out"),
+    "data-service": ("port", "work_dir", "dispatcher", "worker_host", "cpus",
+                     "exit_with_parent"),
 }
 
 

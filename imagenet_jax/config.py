@@ -14,7 +14,7 @@ import re
 
 import ml_collections
 
-from imagenet_jax.spec import ConfigError, parse_dataset, parse_randaugment
+from imagenet_jax.spec import ConfigError, parse_data_service, parse_dataset, parse_randaugment
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "poly", "constant")
@@ -125,6 +125,15 @@ def base_config() -> ml_collections.ConfigDict:
     # process near 12,000-16,000 records/s on any core count; -1 = by core count: none
     # below 16 cores (reading in threads is cheaper there), then one per 16 (data/records.py).
     c.tfds_read_processes = -1
+    # Where the input pipeline runs (data/service.py): '' in this process; 'local:N' on tf.data
+    # service with N worker processes on this host; 'grpc://HOST:PORT' on an external
+    # dispatcher's workers (`imagenet-jax data-service`). Batches and order are the same in
+    # all three: a batch not delivered within data_service_timeout_s is made in this
+    # process instead, and the service's early batches wait in a reorder buffer of
+    # data_service_buffer local batches.
+    c.data_service = ""
+    c.data_service_timeout_s = 60.0
+    c.data_service_buffer = 16
     # A failing read of an image or a checkpoint is tried this often, waiting
     # read_retry_delay_s, then twice that, ..., before the image counts as unreadable or
     # the checkpoint as damaged (a few seconds of NFS or Cloud Storage trouble cost nothing).
@@ -309,6 +318,17 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
     check(isinstance(config.tfds_read_processes, int) and config.tfds_read_processes >= -1,
           "tfds_read_processes must be -1 (by core count), 0 (in the pipeline's threads) or "
           f"a number of processes, got {config.tfds_read_processes!r}")
+    try:
+        parse_data_service(config.data_service)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check(config.data_service_timeout_s > 0,
+          f"data_service_timeout_s must be positive, got {config.data_service_timeout_s}")
+    check(isinstance(config.data_service_buffer, int) and config.data_service_buffer >= 1,
+          f"data_service_buffer must be a positive integer, got {config.data_service_buffer!r}")
+    check(not config.data_service or not config.dataset.startswith("synthetic"),
+          "data_service: synthetic batches are made on the devices, with no input pipeline "
+          "to serve; use data_service='' with a synthetic dataset")
     check(isinstance(config.read_attempts, int) and config.read_attempts >= 1,
           f"read_attempts must be a positive integer, got {config.read_attempts!r}")
     check(config.read_retry_delay_s >= 0,

@@ -51,3 +51,22 @@ def parse_randaugment(spec: str) -> tuple[int, float] | None:
     if not 0.0 <= magnitude <= MAX_RANDAUGMENT_MAGNITUDE:
         raise ValueError(f"randaugment {spec!r}: M={magnitude:g} is outside [0, 30]; {expected}")
     return num_layers, magnitude
+
+
+DATA_SERVICE_FORMS = ("'' (the pipeline in this process), 'local:N' (a dispatcher and N worker "
+                      "processes on this host) or 'grpc://HOST:PORT' (an external dispatcher)")
+
+
+def parse_data_service(spec: str) -> tuple[str, str]:
+    """The config string `data_service` as ('', ''), ('local', 'N') or ('grpc', 'HOST:PORT');
+    raises ValueError naming the valid forms."""
+    if spec == "":
+        return "", ""
+    kind, sep, argument = spec.partition(":")
+    if kind == "local" and sep and argument.isdigit() and int(argument) >= 1:
+        return "local", str(int(argument))
+    if spec.startswith("grpc://"):
+        host, sep, port = spec[len("grpc://"):].rpartition(":")
+        if host and sep and port.isdigit() and 0 < int(port) < 65536:
+            return "grpc", f"{host}:{port}"
+    raise ValueError(f"data_service {spec!r}: expected {DATA_SERVICE_FORMS}")

@@ -5,6 +5,11 @@ or changes it fails here, by name, rather than somewhere deep in a run.
   imagenet_jax/parallel/distributed.py (`_on_cloud_tpu_vm`): whether this is a Cloud TPU
   VM, whose hosts are listed in the VM's metadata. JAX has no public call that asks
   whether a cluster is present without joining it.
+- `tensorflow.python.ops.script_ops._py_funcs` (TensorFlow's registry of numpy_function
+  callbacks, its `_funcs` map) with `gen_script_ops.py_func_stateless`, in
+  imagenet_jax/data/named_reads.py: reads through Python that a tf.data service worker
+  process can run, opened there from their token. TensorFlow has no public way to run a
+  Python read in another process's graph.
 
 That is the whole list: `test_no_other_private_library_api_is_used` scans the project's
 code for imports and module attribute paths of a library that name a private part.
@@ -31,7 +36,8 @@ from imagenet_jax.models.layers import BatchNorm
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_CODE = ("imagenet_jax", "configs", "scripts", "benchmarks", "launch")
 ALLOWED = {("imagenet_jax/parallel/distributed.py",
-            "jax._src.clusters.cloud_tpu_cluster.GceTpuCluster")}
+            "jax._src.clusters.cloud_tpu_cluster.GceTpuCluster"),
+           ("imagenet_jax/data/named_reads.py", "tensorflow.python.ops.script_ops._py_funcs")}
 
 
 def test_jax_cloud_tpu_detection_is_where_distributed_py_expects_it():
@@ -89,6 +95,29 @@ def _private_library_references(source: str) -> set[str]:
             if parts and parts[0] in library_names:
                 found.add(".".join([library_names[parts[0]], *parts[1:]]))
     return found
+
+
+def test_tensorflow_runs_a_named_read_it_was_never_given(tmp_path, monkeypatch):
+    """A graph naming a read by its token alone (as a data service worker receives it)
+    runs: TensorFlow's callback registry asks named_reads for the unknown token."""
+    import tensorflow as tf
+
+    from imagenet_jax.data import named_reads
+
+    opened = []
+
+    def open_doubling(arguments):
+        opened.append(arguments)
+        return lambda values: np.asarray([v * arguments["by"] for v in values], dtype=object)
+
+    monkeypatch.setitem(named_reads._OPENERS, "test_repeat", open_doubling)
+    named_reads.install()
+    token = named_reads.PREFIX + 'test_repeat:{"by": 2}'
+    from tensorflow.python.ops import gen_script_ops
+
+    (out,) = gen_script_ops.py_func_stateless(input=[tf.constant([b"a", b"bc"])], token=token,
+                                              Tout=[tf.string])
+    assert out.numpy().tolist() == [b"aa", b"bcbc"] and opened == [{"by": 2}]
 
 
 def test_the_scan_finds_private_imports_and_attribute_paths():

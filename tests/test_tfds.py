@@ -213,3 +213,29 @@ def test_batched_read_equals_one_at_a_time(source, read_processes):
     for a, b in zip(*evals, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_tfds_batches_on_the_data_service_equal_the_in_process_ones(source):
+    """TFDS records are read through Python (a named read), which the service's worker
+    processes run too: their batches are bitwise the in-process pipeline's."""
+    from imagenet_jax.data import repair, service
+
+    sharding = order.Sharding(8, process_index=1, process_count=2)
+    spec = pipeline.TrainSpec(16, seed=5, crop_scale=(0.35, 1.0))
+    steps = 2 * order.steps_per_epoch(source, 8)
+
+    def here(step, repairs):
+        return pipeline.skipping_train_batches(source, sharding, spec, step, repairs=repairs)
+
+    with service.start_local(2) as started:
+        batches = service.OrderedBatches(
+            lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
+                source, sharding, spec, step, steps, repairs), started.target),
+            here, 0, steps, timeout_s=120, buffer_size=8)
+        got = list(batches)
+    reference = here(0, repair.Repairs())
+    for batch in got:
+        expected = next(reference)
+        for key in expected:
+            np.testing.assert_array_equal(batch[key], expected[key])
+    assert len(got) == steps and batches.counts.served == steps

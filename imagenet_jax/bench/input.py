@@ -17,6 +17,18 @@ of training) and with the same tf.data parallelism and options:
                              reads scale with the host's cores (1.0: serialised, e.g.
                              on Python's GIL; the number of cores: perfectly).
 
+With `config.data_service` (data/service.py) also:
+
+  service_images_per_sec     the train batches made by the service's workers, put in
+                             order by the client (`service_vs_host`: over the in-process
+                             pipeline's rate, round by round);
+  service_one_worker_images_per_sec  local:N with N > 1: the same from one worker on the
+                             first worker's share of the cores (`service_worker_scaling`:
+                             N workers over one);
+  service_bytes_per_sec      what crossed the service to the client;
+  *_client_cpu_ms_per_image  this process's CPU time per image (the client's, for the
+                             service: what the trainer's host still spends on input).
+
 Each figure is the median of `repeats` timed passes after `warmup` untimed ones
 (which also bring the files into the page cache: this measures the CPU, not the
 disk). A pass's clock stops at its last element, before the iterator is released (a
@@ -28,6 +40,7 @@ shared machine falls on both sides of a ratio alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -44,11 +57,11 @@ import tensorflow as tf
 from imagenet_jax.bench.host import process_peak_rss_mb
 from imagenet_jax.config import ConfigError
 from imagenet_jax.data import input as data_input
-from imagenet_jax.data import order, pipeline, synthetic
+from imagenet_jax.data import order, pipeline, service, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.spec import parse_dataset
+from imagenet_jax.spec import parse_data_service, parse_dataset
 from imagenet_jax.train import recipe
 
 FLOOR_BATCH = 256
@@ -102,18 +115,18 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
                                                       read_only=True, parallelism=1),
                                     len(reads)),
     }
-    seconds = {name: [] for name in measurements}
-    rss_mb = []
-    for repeat in range(warmup + repeats):
-        for name, (make, _) in measurements.items():
-            elapsed = time_pass(make, block=name == "device_images_per_sec")
-            if repeat >= warmup:
-                seconds[name].append(elapsed)
-        rss_mb.append(host_memory_mb()["host_rss_mb"])
+    with contextlib.ExitStack() as services:
+        served, tally = service_measurements(config, source, sharding, spec, batches, services)
+        measurements.update({name: (make, num_images) for name, make in served.items()})
+        seconds, cpu_seconds, rss_mb = time_rounds(measurements, warmup, repeats)
 
     result = describe(config, source, sharding, indices, batches, repeats, warmup)
     for name, (_, count) in measurements.items():
         result[name] = count / float(np.median(seconds[name]))
+    result["client_cpu_ms_per_image"] = 1e3 * float(np.median(cpu_seconds["images_per_sec"])
+                                                    ) / num_images
+    if served:
+        result.update(service_figures(config, seconds, cpu_seconds, num_images, served, tally))
     result["images_per_sec_runs"] = [num_images / s for s in seconds["images_per_sec"]]
     # Ratios are taken within each round, then the median: a slow spell of a shared
     # machine that spans a round slows both sides of its ratio alike.
@@ -126,6 +139,99 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     result.update(host_memory_mb())
     result["host_rss_mb_after_each_round"] = rss_mb  # flat when memory is bounded
     return result
+
+
+def time_rounds(measurements: dict[str, tuple[Callable[[], Iterator], int]], warmup: int,
+                repeats: int) -> tuple[dict, dict, list[float]]:
+    """Passes round-robin over the measurements: each one's wall seconds and this
+    process's CPU seconds per timed pass, and the resident memory after each round."""
+    seconds = {name: [] for name in measurements}
+    cpu_seconds = {name: [] for name in measurements}
+    rss_mb = []
+    for repeat in range(warmup + repeats):
+        for name, (make, _) in measurements.items():
+            cpu_start = time.process_time()
+            elapsed = time_pass(make, block=name == "device_images_per_sec")
+            if repeat >= warmup:
+                seconds[name].append(elapsed)
+                cpu_seconds[name].append(time.process_time() - cpu_start)
+        rss_mb.append(host_memory_mb()["host_rss_mb"])
+    return seconds, cpu_seconds, rss_mb
+
+
+@dataclasses.dataclass
+class ServiceTally:
+    """What the service passes delivered, all passes together."""
+
+    bytes: int = 0
+    images: int = 0
+    made_here: int = 0  # batches made in this process: 0 unless the service failed
+
+    def count(self, batches: service.OrderedBatches) -> Iterator[dict]:
+        try:
+            for batch in batches:
+                self.bytes += sum(value.nbytes for value in batch.values())
+                self.images += len(batch["label"])
+                yield batch
+        finally:
+            self.made_here += batches.counts.made_here
+            batches.close()
+
+
+SERVICE_TIMEOUT_S = 600.0  # a bench measures the service: nothing made here unless it fails
+
+
+def service_measurements(config: ml_collections.ConfigDict, source: Source,
+                         sharding: order.Sharding, spec: pipeline.TrainSpec, batches: int,
+                         services: contextlib.ExitStack
+                         ) -> tuple[dict[str, Callable[[], Iterator]], ServiceTally]:
+    """The passes over `config.data_service` (none without one); the services it starts
+    stay up until `services` closes."""
+    tally = ServiceTally()
+    target = service.connect(config.data_service)
+    if target is None:
+        return {}, tally
+    services.enter_context(target)
+
+    def on(started: service.Service) -> Callable[[], Iterator]:
+        def make() -> Iterator[dict]:
+            return tally.count(service.OrderedBatches(
+                lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
+                    source, sharding, spec, step, batches, repairs), started.target),
+                lambda step, repairs: pipeline.skipping_train_batches(
+                    source, sharding, spec, step, repairs=repairs),
+                0, batches, timeout_s=SERVICE_TIMEOUT_S, buffer_size=config.data_service_buffer))
+        return make
+
+    passes = {"service_images_per_sec": on(target)}
+    kind, argument = parse_data_service(config.data_service)
+    if kind == "local" and int(argument) > 1:
+        one = service.start_local(1, cpus=service.cpu_shares(int(argument))[0])
+        passes["service_one_worker_images_per_sec"] = on(services.enter_context(one))
+    return passes, tally
+
+
+def service_figures(config: ml_collections.ConfigDict, seconds: dict, cpu_seconds: dict,
+                    num_images: int, served: dict, tally: ServiceTally) -> dict[str, Any]:
+    kind, argument = parse_data_service(config.data_service)
+    workers = int(argument) if kind == "local" else None
+    rate = num_images / float(np.median(seconds["service_images_per_sec"]))
+    figures = {
+        "data_service": config.data_service,
+        "service_workers": workers,
+        "service_images_per_sec_per_worker": rate / workers if workers else None,
+        "service_bytes_per_sec": tally.bytes / max(1, tally.images) * rate,
+        "service_client_cpu_ms_per_image": 1e3 * float(np.median(
+            cpu_seconds["service_images_per_sec"])) / num_images,
+        "service_made_here": tally.made_here,
+    }
+    figures.update(round_ratios(seconds, "service_images_per_sec", "images_per_sec",
+                                "service_vs_host"))
+    if "service_one_worker_images_per_sec" in served:
+        figures.update(round_ratios(seconds, "service_images_per_sec",
+                                    "service_one_worker_images_per_sec",
+                                    "service_worker_scaling"))
+    return figures
 
 
 def round_ratios(seconds: dict[str, list[float]], numerator: str, denominator: str,

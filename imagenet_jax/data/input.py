@@ -18,24 +18,36 @@ import ml_collections
 from jax.sharding import Mesh
 
 from imagenet_jax.config import eval_image_size, train_image_sizes
-from imagenet_jax.data import order, pipeline, repair, synthetic
+from imagenet_jax.data import order, pipeline, repair, service, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
 from imagenet_jax.spec import parse_randaugment
+
+_ENDLESS = 2**40  # past any run's last step
 
 
 class DeviceBatches(Iterator[dict]):
     """Global batches, and the report of the examples skipped on the way."""
 
-    def __init__(self, batches: Iterator[dict], skipping: repair.SkippingBatches | None):
-        self._batches, self._skipping = batches, skipping
+    def __init__(self, batches: Iterator[dict],
+                 host: repair.SkippingBatches | service.OrderedBatches | None):
+        self._batches, self._host = batches, host
 
     def __next__(self) -> dict:
         return next(self._batches)
 
     def take_report(self) -> dict[int, str]:
         """This process's unreadable examples since the last report: index -> where."""
-        return self._skipping.take_report() if self._skipping else {}
+        return self._host.take_report() if self._host else {}
+
+    @property
+    def service_counts(self) -> service.Counts | None:
+        """Batches the data service delivered and those made here instead; None without it."""
+        return self._host.counts if isinstance(self._host, service.OrderedBatches) else None
+
+    def close(self) -> None:
+        if isinstance(self._host, service.OrderedBatches):
+            self._host.close()
 
 
 def process_sharding(global_batch_size: int) -> order.Sharding:
@@ -62,8 +74,10 @@ def train_spec(config: ml_collections.ConfigDict) -> pipeline.TrainSpec:
 
 
 def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
-                  start_step: int = 0) -> DeviceBatches:
-    """Endless global training batches from `start_step` on."""
+                  start_step: int = 0, data_service: service.Service | None = None,
+                  stop_step: int = _ENDLESS) -> DeviceBatches:
+    """Global training batches of steps [start_step, stop_step) (endless by default), made
+    in this process or by `data_service`'s workers (the same batches either way)."""
     steps_per_epoch = order.steps_per_epoch(source, config.batch_size)
     spec = train_spec(config)
     if isinstance(source, synthetic.SyntheticSource):
@@ -72,19 +86,46 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
             source, mesh, config.batch_size,
             lambda step: sizes[min(step // steps_per_epoch, len(sizes) - 1)],
             config.seed, start_step), None)
-    host = pipeline.skipping_train_batches(source, process_sharding(config.batch_size), spec,
-                                           start_step, read_retry(config))
+    sharding, retry = process_sharding(config.batch_size), read_retry(config)
+
+    def here(step: int, repairs: repair.Repairs) -> repair.SkippingBatches:
+        return pipeline.skipping_train_batches(source, sharding, spec, step, retry, repairs)
+
+    if data_service is None:
+        host = here(start_step, repair.Repairs())
+    else:
+        host = service.OrderedBatches(
+            lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
+                source, sharding, spec, step, stop_step, repairs), data_service.target),
+            here, start_step, stop_step, timeout_s=config.data_service_timeout_s,
+            buffer_size=config.data_service_buffer)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
 
 
 def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
-                 split: str = "val") -> DeviceBatches:
+                 split: str = "val", data_service: service.Service | None = None
+                 ) -> DeviceBatches:
     """Every example of `split` once, in whole global batches with a mask."""
     if isinstance(source, synthetic.SyntheticSource):
         return DeviceBatches(synthetic.eval_batches(
             source, mesh, config.eval_batch_size, eval_image_size(config), config.seed), None)
-    host = pipeline.skipping_eval_batches(
-        source, process_sharding(config.eval_batch_size), split=split,
-        image_size=eval_image_size(config), crop_ratio=config.eval_crop_ratio,
-        retry=read_retry(config))
+    sharding, retry = process_sharding(config.eval_batch_size), read_retry(config)
+    image_size, crop_ratio = eval_image_size(config), config.eval_crop_ratio
+
+    def here(batch: int, repairs: repair.Repairs) -> repair.SkippingBatches:
+        return pipeline.skipping_eval_batches(source, sharding, split=split,
+                                              image_size=image_size, crop_ratio=crop_ratio,
+                                              start_batch=batch, retry=retry, repairs=repairs)
+
+    if data_service is None:
+        host = here(0, repair.Repairs())
+    else:
+        num_batches = order.num_eval_batches(source, split, config.eval_batch_size)
+        host = service.OrderedBatches(
+            lambda batch, repairs: service.distribute(pipeline.keyed_eval_dataset(
+                source, sharding, split=split, image_size=image_size, crop_ratio=crop_ratio,
+                start_batch=batch, stop_batch=num_batches, repairs=repairs),
+                data_service.target),
+            here, 0, num_batches, timeout_s=config.data_service_timeout_s,
+            buffer_size=config.data_service_buffer)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)

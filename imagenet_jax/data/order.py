@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -50,28 +51,57 @@ def steps_per_epoch(source: Source, global_batch_size: int) -> int:
     return source.num_examples("train") // global_batch_size
 
 
+def epoch_permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """In-graph: the order of the training set in `epoch`, fixed by (seed, epoch): a stable
+    sort of random 64-bit keys (int32 indices)."""
+    keys = tf.random.stateless_uniform([num_examples], seed=tf.stack([seed, epoch]),
+                                       minval=None, maxval=None, dtype=tf.int64)
+    return tf.argsort(keys, stable=True)
+
+
+def _batches_per_epoch(source: Source, sharding: Sharding) -> int:
+    batches = steps_per_epoch(source, sharding.global_batch_size)
+    if batches == 0:
+        raise ValueError(f"the training split has {source.num_examples('train')} examples, "
+                         f"fewer than one global batch of {sharding.global_batch_size}")
+    return batches
+
+
 def train_examples(source: Source, sharding: Sharding, seed: int,
                    start_step: int = 0) -> tf.data.Dataset:
     """(epoch, index) of every example this process reads, endlessly, from `start_step`."""
     num_examples = source.num_examples("train")
-    batches_per_epoch = steps_per_epoch(source, sharding.global_batch_size)
-    if batches_per_epoch == 0:
-        raise ValueError(f"the training split has {num_examples} examples, fewer than one "
-                         f"global batch of {sharding.global_batch_size}")
+    batches_per_epoch = _batches_per_epoch(source, sharding)
     local_positions = tf.constant(sharding.local_positions(batches_per_epoch))
 
     def epoch_examples(epoch):
-        # A stable sort of random 64-bit keys: a permutation fixed by (seed, epoch).
-        keys = tf.random.stateless_uniform([num_examples], seed=tf.stack([seed, epoch]),
-                                           minval=None, maxval=None, dtype=tf.int64)
-        permutation = tf.argsort(keys, stable=True)
-        indices = tf.gather(permutation, local_positions)
+        indices = tf.gather(epoch_permutation(num_examples, seed, epoch), local_positions)
         return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
 
     start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
     examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
     # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
     return examples.skip(step_in_epoch * sharding.local_batch_size)
+
+
+def step_examples(source: Source, sharding: Sharding, seed: int
+                  ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """In-graph: step -> the (epoch, index) pairs of this process's slice of that step's
+    global batch, the very pairs `train_examples` yields for it. One step alone, so that a
+    data service worker can make any step (each one sorts its epoch's keys again)."""
+    num_examples = source.num_examples("train")
+    batches_per_epoch = _batches_per_epoch(source, sharding)
+    local_positions = tf.constant(sharding.local_positions(batches_per_epoch).reshape(
+        batches_per_epoch, sharding.local_batch_size))
+
+    def examples_of(step: tf.Tensor) -> tf.data.Dataset:
+        step = tf.cast(step, tf.int64)
+        epoch = step // batches_per_epoch
+        indices = tf.gather(epoch_permutation(num_examples, seed, epoch),
+                            local_positions[step % batches_per_epoch])
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
+
+    return examples_of
 
 
 def num_eval_batches(source: Source, split: str, global_batch_size: int) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from imagenet_jax.data import preprocess, randaugment
-from imagenet_jax.data.order import Sharding, eval_examples, train_examples
+from imagenet_jax.data.order import Sharding, eval_examples, step_examples, train_examples
 from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
 
@@ -123,12 +123,46 @@ def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: 
     spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio),
                      tuple(image_sizes), randaugment)
     ds = train_examples(source, sharding, seed, start_step)
-    if read_batch := batch_reader(source, "train"):
-        ds = _read_in_batches(ds, read_batch, repairs, sharding.local_batch_size)
-        ds = ds.map(train_decoder(spec), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(train_loader(source, spec, repairs), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _train_examples_loaded(ds, source, spec, repairs, sharding.local_batch_size)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+
+
+def keyed_train_dataset(source: Source, sharding: Sharding, spec: TrainSpec, start_step: int,
+                        stop_step: int, repairs: Repairs = Repairs()) -> tf.data.Dataset:
+    """The local batch of each step in [start_step, stop_step), `train_dataset`'s batches
+    with the step as 'position' (int64): what a data service worker makes, one step per
+    split of its `Dataset.range`, in whatever order the service delivers them."""
+    set_up_host()
+    examples_of = step_examples(source, sharding, spec.seed)
+    ds = tf.data.Dataset.range(start_step, stop_step).flat_map(
+        lambda step: examples_of(step).map(lambda epoch, index: (step, epoch, index)))
+    ds = _train_examples_loaded(ds, source, spec, repairs, sharding.local_batch_size)
+    return _keyed_batches(ds, sharding.local_batch_size)
+
+
+def _train_examples_loaded(examples: tf.data.Dataset, source: Source, spec: TrainSpec,
+                           repairs: Repairs, local_batch_size: int) -> tf.data.Dataset:
+    """Elements ([position,] epoch, index) -> training examples (with 'position' when the
+    elements carry one)."""
+    if read_batch := batch_reader(source, "train"):
+        examples = _read_in_batches(examples, read_batch, repairs, local_batch_size)
+        decode = train_decoder(spec)
+        return examples.map(lambda *args: _with_key(args[:-5], decode(*args[-5:])),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    load = train_loader(source, spec, repairs)
+    return examples.map(lambda *args: _with_key(args[:-2], load(*args[-2:])),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _with_key(key: tuple, example: dict) -> dict:
+    return {**example, "position": key[0]} if key else example
+
+
+def _keyed_batches(examples: tf.data.Dataset, local_batch_size: int) -> tf.data.Dataset:
+    """Batches of `local_batch_size` examples that share one 'position', kept as a scalar."""
+    ds = examples.batch(local_batch_size, drop_remainder=True)
+    ds = ds.map(lambda batch: {**batch, "position": batch["position"][0]})
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
@@ -157,23 +191,52 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
 
     Batches are {'image', 'label', 'index', 'mask'} (index: the example's position in
     `split`); padding rows repeat the last example with mask False, and so do skipped
-    examples. Every process yields the same number of
-    batches.
+    examples. Every process yields the same number of batches.
     """
     set_up_host()
     indices, valid = eval_examples(source, sharding, split)
     start = start_batch * sharding.local_batch_size
     ds = tf.data.Dataset.from_tensor_slices((valid[start:], indices[start:]))
-    if read_batch := batch_reader(source, split):
-        ds = _read_in_batches(ds, read_batch, repairs, sharding.local_batch_size)
-        decode = eval_decoder(image_size, crop_ratio)
-        ds = ds.map(lambda valid, index, *read: decode(index, valid, *read),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        load = eval_loader(source, split, image_size, crop_ratio, repairs)
-        ds = ds.map(lambda valid, index: load(index, valid), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _eval_examples_loaded(ds, source, split, image_size, crop_ratio, repairs,
+                               sharding.local_batch_size)
     ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+
+
+def keyed_eval_dataset(source: Source, sharding: Sharding, *, split: str, image_size: int,
+                       crop_ratio: float, start_batch: int, stop_batch: int,
+                       repairs: Repairs = Repairs()) -> tf.data.Dataset:
+    """`eval_dataset`'s batches [start_batch, stop_batch), each with its batch number as
+    'position': what a data service worker makes, one batch per split."""
+    set_up_host()
+    indices, valid = eval_examples(source, sharding, split)
+    shape = (-1, sharding.local_batch_size)
+    indices, valid = tf.constant(indices.reshape(shape)), tf.constant(valid.reshape(shape))
+
+    def examples_of(batch):
+        examples = tf.data.Dataset.from_tensor_slices((valid[batch], indices[batch]))
+        return examples.map(lambda v, index: (batch, v, index))
+
+    ds = tf.data.Dataset.range(start_batch, stop_batch).flat_map(examples_of)
+    ds = _eval_examples_loaded(ds, source, split, image_size, crop_ratio, repairs,
+                               sharding.local_batch_size)
+    return _keyed_batches(ds, sharding.local_batch_size)
+
+
+def _eval_examples_loaded(examples: tf.data.Dataset, source: Source, split: str,
+                          image_size: int, crop_ratio: float, repairs: Repairs,
+                          local_batch_size: int) -> tf.data.Dataset:
+    """Elements ([position,] valid, index) -> evaluation examples (with 'position' when
+    the elements carry one)."""
+    if read_batch := batch_reader(source, split):
+        examples = _read_in_batches(examples, read_batch, repairs, local_batch_size)
+        decode = eval_decoder(image_size, crop_ratio)
+        return examples.map(
+            lambda *args: _with_key(args[:-5], decode(args[-4], args[-5], *args[-3:])),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    load = eval_loader(source, split, image_size, crop_ratio, repairs)
+    return examples.map(lambda *args: _with_key(args[:-2], load(args[-1], args[-2])),
+                        num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor, tf.Tensor]]:
@@ -182,9 +245,10 @@ def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor
 
 
 def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
-                           start_step: int = 0, retry: ReadRetry = ReadRetry()
-                           ) -> SkippingBatches:
-    """`train_dataset` from `start_step`, carried past unreadable images."""
+                           start_step: int = 0, retry: ReadRetry = ReadRetry(),
+                           repairs: Repairs = Repairs()) -> SkippingBatches:
+    """`train_dataset` from `start_step`, carried past unreadable images (and those
+    `repairs` already knows)."""
     def build(step, repairs):
         return train_dataset(source, sharding, **dataclasses.asdict(spec), start_step=step,
                              repairs=repairs)
@@ -196,13 +260,16 @@ def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
 
     return SkippingBatches(build, examples_at, train_loader(source, spec),
                            _eager_reader(source, "train"),
-                           lambda index: source.describe("train", index), start_step, retry)
+                           lambda index: source.describe("train", index), start_step, retry,
+                           repairs)
 
 
 def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "val",
                           image_size: int, crop_ratio: float = 0.875,
-                          retry: ReadRetry = ReadRetry()) -> SkippingBatches:
-    """`eval_dataset`, carried past unreadable images (they count as not evaluated)."""
+                          start_batch: int = 0, retry: ReadRetry = ReadRetry(),
+                          repairs: Repairs = Repairs()) -> SkippingBatches:
+    """`eval_dataset` from `start_batch`, carried past unreadable images (they count as
+    not evaluated)."""
     indices, valid = eval_examples(source, sharding, split)
     size = sharding.local_batch_size
 
@@ -218,4 +285,5 @@ def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "v
     return SkippingBatches(build, examples_at,
                            eval_loader(source, split, image_size, crop_ratio),
                            _eager_reader(source, split),
-                           lambda index: source.describe(split, index), retry=retry)
+                           lambda index: source.describe(split, index), start_batch, retry,
+                           repairs)

@@ -112,12 +112,12 @@ class SkippingBatches(Iterator[dict]):
                  examples_at: Callable[[int], list[tuple[int, tuple]]], load: Callable[..., dict],
                  read: Callable[[int], tuple[tf.Tensor, tf.Tensor]],
                  describe: Callable[[int], str],
-                 start: int = 0, retry: ReadRetry = ReadRetry()):
+                 start: int = 0, retry: ReadRetry = ReadRetry(), repairs: Repairs = Repairs()):
         self._build, self._examples_at, self._load = build, examples_at, load
         self._read, self._describe = read, describe
         self._retry = retry
         self._position = start
-        self.repairs = Repairs()
+        self.repairs = repairs  # what earlier pipelines of the same files learned
         self._unreported: dict[int, str] = {}
         self._iterator = iter(build(start, self.repairs).as_numpy_iterator())
         self._retries = 0

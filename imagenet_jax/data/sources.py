@@ -102,17 +102,13 @@ class FolderSource:
             return None
         import tensorflow as tf
 
-        files, labels = self.files[split], tf.constant(self.labels[split])
+        from imagenet_jax.data import named_reads
 
-        def fetch(indices: np.ndarray) -> np.ndarray:
-            return np.asarray(storage.read_many([str(files[i]) for i in indices]), dtype=object)
+        paths, labels = tf.constant(self.files[split]), tf.constant(self.labels[split])
 
         def read_many(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            # The same object always has the same bytes: not stateful, so tf.data may
-            # reorder and parallelise the calls.
-            contents = tf.numpy_function(fetch, [indices], tf.string, stateful=False)
-            contents.set_shape([None])
-            return contents, tf.gather(labels, indices)
+            # (A named read: a data service worker can fetch them too.)
+            return named_reads.read_objects(tf.gather(paths, indices)), tf.gather(labels, indices)
 
         return read_many
 

@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from imagenet_jax.data import named_reads
 from imagenet_jax.data.records import ArrayRecordShards
 
 SPLITS = ("train", "val")
@@ -61,17 +62,11 @@ class TfdsSource:
         return self.sizes[split]
 
     def read(self, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-        records = self.records[split]
+        read_serialized = _read_in_threads(self.records[split])
         decoders = {self.image_key: tfds.decode.SkipDecoding()}  # keep the encoded bytes
 
-        def read_record(index: np.ndarray) -> bytes:
-            return records[int(index)]
-
         def read_example(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            # Reading a file at a fixed index always gives the same bytes: not stateful,
-            # so tf.data may reorder and parallelise it freely.
-            serialized = tf.numpy_function(read_record, [index], tf.string, stateful=False)
-            serialized.set_shape([])
+            serialized = read_serialized(tf.reshape(tf.cast(index, tf.int64), [1]))[0]
             example = self.features.deserialize_example(serialized, decoders=decoders)
             return example[self.image_key], tf.cast(example[self.label_key], tf.int32)
 
@@ -135,18 +130,9 @@ class TfdsSource:
 
 
 def _read_in_threads(records: ArrayRecordShards) -> Callable[[tf.Tensor], tf.Tensor]:
-    """int64 indices [n] -> serialized records [n], read in the calling tf.data thread."""
-    def read(indices: np.ndarray) -> np.ndarray:
-        return np.asarray(records.read(indices), dtype=object)
-
-    def read_serialized(indices: tf.Tensor) -> tf.Tensor:
-        # The same indices always give the same bytes: not stateful, so tf.data may
-        # reorder and parallelise the calls freely.
-        serialized = tf.numpy_function(read, [indices], tf.string, stateful=False)
-        serialized.set_shape([None])
-        return serialized
-
-    return read_serialized
+    """int64 indices [n] -> serialized records [n], read in the calling tf.data thread (a
+    named read: a data service worker can run it too)."""
+    return named_reads.read_records(records.paths, records.lengths)
 
 
 def _read_in_processes(records: ArrayRecordShards, count: int

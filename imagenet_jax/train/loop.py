@@ -27,6 +27,7 @@ from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import ConfigError, Derived
 from imagenet_jax.console import Console
 from imagenet_jax.data import input as data_input
+from imagenet_jax.data import service as data_service
 from imagenet_jax.data import wordnet
 from imagenet_jax.evaluation.predictions import predict
 from imagenet_jax.metrics import MetricsLogger, read_records
@@ -49,8 +50,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     storage.configure()
     console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
-    check_writable(workdir)
     source, derived = recipe.plan(config)
+    service = data_service.connect(config.data_service)  # an unreachable one: before the workdir
+    try:
+        return _train_and_evaluate(config, workdir, console, source, derived, service)
+    finally:
+        if service is not None:
+            service.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, console: Console,
+                        source, derived: Derived, service: data_service.Service | None) -> dict:
+    check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
                  derived.num_processes, describe_grid(mesh), derived)
@@ -80,13 +91,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             parameter_overview.log_parameter_overview(state.params)
 
     logger = MetricsLogger(workdir, resume_step=start_step)
-    evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh)
+    evaluate = functools.partial(run_eval, run.eval_step, source=source, config=config, mesh=mesh,
+                                 service=service)
     console.start(first_step=start_step, total_steps=derived.num_train_steps,
                   steps_per_epoch=derived.steps_per_epoch,
                   description=f"{config.model} on {config.dataset}, {source.num_classes} "
                   f"classes, batch {config.batch_size} over {derived.num_devices} device(s)")
 
-    train_batches = data_input.train_batches(source, config, mesh, start_step)
+    train_batches = data_input.train_batches(source, config, mesh, start_step, service,
+                                             stop_step=derived.num_train_steps)
     profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
     try:
@@ -94,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                              train_batches, start_step, checkpointer, logger,
                                              evaluate, profiler, console)
     finally:
+        train_batches.close()
         checkpointer.close()
         logger.close()
     return {"step": last_step, "split": "val", **val_metrics}
@@ -129,6 +143,10 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             if step % config.log_every_steps == 0 or is_last or step == 1:
                 train_metrics = buffer.drain()
                 train_metrics["images_per_sec"] = throughput.images_per_sec(step)
+                if counts := train_batches.service_counts:  # since the run (re)started
+                    train_metrics.update(input_served=counts.served,
+                                         input_made_here=counts.made_here,
+                                         input_late=counts.late)
                 logger.log(step, "train", train_metrics)
                 console.train(step, train_metrics)
             if step % derived.steps_per_epoch == 0 or is_last:
@@ -275,10 +293,15 @@ class StepProfiler:
 
 
 def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.ConfigDict,
-             mesh) -> dict:
-    """Exact metrics over the whole validation split, whatever the batch and device count."""
-    batches = data_input.eval_batches(source, config, mesh)
-    result = predict(eval_step, state, batches, ClassMap.identity(source.num_classes)).summary()
+             mesh, service: data_service.Service | None = None) -> dict:
+    """Exact metrics over the whole validation split, whatever the batch and device count
+    (made in this process or by `service`'s workers)."""
+    batches = data_input.eval_batches(source, config, mesh, data_service=service)
+    try:
+        result = predict(eval_step, state, batches,
+                         ClassMap.identity(source.num_classes)).summary()
+    finally:
+        batches.close()
     report_skipped(batches.take_report(), "evaluation (not counted in num_examples)")
     return result
 

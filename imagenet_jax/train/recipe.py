@@ -42,8 +42,10 @@ def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
         raise ConfigError(f"model_options: {config.model} takes no option {unknown[0]!r}; its "
                           f"options: {', '.join(models.options_of(config.model)) or 'none'}")
     try:
-        source = sources.get_source(config.dataset, config.data_dir or None,
-                                    config.tfds_read_processes)
+        # On the data service its workers are the processes that read (reader processes
+        # hand records over through this host's memory, which a remote worker cannot).
+        read_processes = 0 if config.data_service else config.tfds_read_processes
+        source = sources.get_source(config.dataset, config.data_dir or None, read_processes)
     except (OSError, ValueError) as e:
         raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
     check_processes_see_the_same(source, config.dataset)
