@@ -26,29 +26,53 @@ def _train(config, mesh, num_steps):
 
 
 def _max_relative_difference(a, b):
+    """The largest difference of two trees, each tensor's relative to its own size."""
     diffs = jax.tree.map(lambda x, y: np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12), a, b)
-    return max(jax.tree.leaves(diffs))
+    return max(float(d) for d in jax.tree.leaves(diffs))
 
 
-@pytest.mark.parametrize("group_examples, learning_rate", [(0, 0.4), (4, 0.05)],
-                         ids=["batch_norm", "batch_norm_groups_of_4"])
-def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples, learning_rate):
+@pytest.mark.parametrize("group_examples", [0, 4], ids=["batch_norm", "batch_norm_groups_of_4"])
+def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
     """Also with BatchNorm over groups of 4 examples: one group per device on 8 devices,
-    all 8 groups on one. At a learning rate of 0.05: at the tiny recipe's 0.4, statistics
-    of 4 examples at 16 px make training chaotic, and float rounding alone fails the
-    comparison (measured: after two steps on 1 and on 8 devices a BN bias differed by 6%,
-    while one step from the same state differed by 3e-5 of its update)."""
+    all 8 groups on one.
+
+    Each step is run on 8 devices from the 1-device run's state before it, and the whole
+    state after it (parameters, BatchNorm statistics, optimizer state) must agree to 1e-5
+    of each tensor's size (measured here: <= 1.1e-6 in all three steps), and so must the
+    step's loss. The states of two free runs are not compared: at 16 px a few parameters
+    are sums of terms that nearly cancel (the biases of the BatchNorms that feed the
+    residual sums, 1e-4 after two steps of warm-up), so the rounding of one step's
+    reductions, which differs with the device count, comes back as a relative difference
+    of 2% in them two steps later (measured on an EPYC at lr 0.05; 1.9% on a Xeon at the
+    recipe's lr 0.4), and with groups of 4 in the third step's loss (1.4e-4). That
+    amplification is the training's, not the sharding's: BatchNorm's two-pass variance
+    changes none of these figures.
+    """
     assert jax.device_count() == 8
-    config = tiny_config(tiny_dataset, batch_size=32, batchnorm_group_examples=group_examples,
-                         learning_rate=learning_rate)
-    state_1, losses_1 = _train(config, make_mesh(jax.devices()[:1]), 3)
-    state_8, losses_8 = _train(config, make_mesh(jax.devices()), 3)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-    assert _max_relative_difference(state_8.params, state_1.params) <= 1e-5
-    assert _max_relative_difference(state_8.model_state, state_1.model_state) <= 1e-5
-    # The steps moved the parameters: the comparison is not between two initial states.
-    initial, _ = _train(config, make_mesh(jax.devices()[:1]), 0)
-    assert _max_relative_difference(state_1.params, initial.params) > 1e-3
+    config = tiny_config(tiny_dataset, batch_size=32, batchnorm_group_examples=group_examples)
+    one, eight = make_mesh(jax.devices()[:1]), make_mesh(jax.devices())
+    source, derived = recipe.plan(config)
+    run_1, run_8 = recipe.build(config, derived, one), recipe.build(config, derived, eight)
+    shardings_8 = jax.tree.map(lambda x: x.sharding, run_8.state)
+    batches = pipeline.train_dataset(
+        source, order.Sharding(config.batch_size), image_size=config.image_size,
+        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+    state = run_1.state
+    for _ in range(3):
+        batch = next(batches)
+        before = jax.device_get(state)
+        state, metrics_1 = run_1.train_step(state, make_global_batch(batch, one))
+        after_1 = jax.device_get(state)
+        after_8, metrics_8 = run_8.train_step(jax.device_put(before, shardings_8),
+                                              make_global_batch(batch, eight))
+        after_8 = jax.device_get(after_8)
+        np.testing.assert_allclose(float(metrics_8.loss.compute()),
+                                   float(metrics_1.loss.compute()), rtol=1e-5)
+        for part in ("params", "model_state", "opt_state"):
+            assert _max_relative_difference(getattr(after_8, part),
+                                            getattr(after_1, part)) <= 1e-5, part
+        # The step moved the parameters: the comparison is not of two unchanged states.
+        assert _max_relative_difference(after_1.params, before.params) > 1e-3
 
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
