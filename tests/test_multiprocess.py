@@ -23,19 +23,24 @@ def _flags(dataset, workdir, *extra):
             *extra]
 
 
-@pytest.mark.parametrize("recipe", [
-    (),
+@pytest.mark.parametrize("recipe, service", [
+    ((), ()),
     # BatchNorm over groups of 8 examples (2 per device), at a learning rate where such
     # small groups do not make training chaotic (tests/test_train.py says why). Slow (40 s
     # more): groups need no collective across processes, and 1 vs 8 devices with groups
     # is in the default run (test_train); `make test-slow` runs it.
-    pytest.param(("--config.batchnorm_group_examples=8", "--config.learning_rate=0.05"),
-                 marks=pytest.mark.slow)], ids=["batch_norm", "batch_norm_groups"])
+    pytest.param(("--config.batchnorm_group_examples=8", "--config.learning_rate=0.05"), (),
+                 marks=pytest.mark.slow),
+    # Each of the two processes on its own local data service worker, against one process
+    # reading in-process. Slow (50 s more): one process on the service against the pipeline
+    # is in the default run (tests/test_data_service.py), and so is 2 x 2 against 1 x 4.
+    pytest.param((), ("--config.data_service=local:1",), marks=pytest.mark.slow)],
+    ids=["batch_norm", "batch_norm_groups", "data_service"])
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_dataset, tmp_path,
-                                                                     recipe):
+                                                                     recipe, service):
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
     launched = subprocess.run([str(REPO / "launch" / "local.sh"), "2",
-                               *_flags(tiny_dataset, two, *recipe)], cwd=REPO,
+                               *_flags(tiny_dataset, two, *recipe, *service)], cwd=REPO,
                               env=subprocess_env(2), capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "[1] Log: " in launched.stdout  # both processes ran, their output prefixed
@@ -55,6 +60,10 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_datase
         else:
             assert a["num_examples"] == b["num_examples"] == 70
             assert a["top1"] == b["top1"]
+    if service:  # process 0's batches, each step's once, through the service
+        last = [r for r in records[0] if r["split"] == "train"][-1]
+        assert last["input_served"] + last["input_made_here"] == last["step"]
+        assert last["input_served"] > 0
     params = [final_params(w)["params"] for w in (two, one)]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -63,8 +63,16 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     config, (source, derived) = plan(config, mode)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = recipe.build(config, derived, mesh)
-    batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
-               else pipeline_batches(config, source, mesh))
+    with contextlib.ExitStack() as services:
+        batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
+                   else pipeline_batches(config, source, mesh, services))
+        return _bench(config, derived, mesh, run, batches, mode, warmup_steps, steps,
+                      matmul_size)
+
+
+def _bench(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh, run: Any,
+           batches: Iterator[dict], mode: str, warmup_steps: int, steps: int,
+           matmul_size: int | None) -> dict[str, Any]:
 
     state = run.state
     first_batch = next(batches)
@@ -144,12 +152,19 @@ def synthetic_batches(config: ml_collections.ConfigDict, derived: Derived,
     return itertools.repeat(make(jnp.uint32(0), config.batch_size))
 
 
-def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source,
-                     mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-    """The train loop's own input: its tf.data pipeline, prefetched to the devices."""
+def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source, mesh: Mesh,
+                     services: contextlib.ExitStack) -> Iterator[dict[str, jax.Array]]:
+    """The train loop's own input: its tf.data pipeline (on `config.data_service` when it
+    names one, which `services` stops), prefetched to the devices."""
     from imagenet_jax.data import input as data_input  # TensorFlow: only in this mode
+    from imagenet_jax.data import service
 
-    return data_input.train_batches(source, config, mesh)
+    data_service = service.connect(config.data_service)
+    if data_service is not None:
+        services.enter_context(data_service)
+    batches = data_input.train_batches(source, config, mesh, data_service=data_service)
+    services.callback(batches.close)
+    return batches
 
 
 def compile_step(train_step: Callable, state: Any, batch: dict) -> tuple[Callable, float]:

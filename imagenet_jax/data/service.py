@@ -246,14 +246,16 @@ class OrderedBatches(Iterator[dict]):
         if position >= self._stop:
             self._ended = True
             return
-        dataset = self._stream(position, self._repairs)
-        threading.Thread(target=self._pull, args=(dataset, self._generation), daemon=True,
-                         name="imagenet_jax-data-service").start()
+        threading.Thread(target=self._pull, args=(position, self._repairs, self._generation),
+                         daemon=True, name="imagenet_jax-data-service").start()
 
-    def _pull(self, dataset: tf.data.Dataset, generation: int) -> None:
+    def _pull(self, position: int, repairs: repair.Repairs, generation: int) -> None:
+        """Fills the reorder buffer from a new stream from `position` on. The stream is
+        made here too: registering it waits for the dispatcher, which must never hold up
+        the consumer (it makes the batches itself meanwhile)."""
         error = None
         try:
-            for element in dataset.as_numpy_iterator():
+            for element in self._stream(position, repairs).as_numpy_iterator():
                 position = int(element.pop("position"))
                 with self._cond:
                     while (len(self._arrived) >= self._buffer_size and position != self._next
