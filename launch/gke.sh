@@ -41,6 +41,17 @@
 #   GPUS_PER_NODE    nvidia.com/gpu of each pod (default 8)
 #   GPU_ACCELERATOR  node label cloud.google.com/gke-accelerator, e.g. nvidia-h100-80gb
 #   COORDINATOR_PORT port of process 0's jax.distributed coordinator (default 8482)
+# data service (either kind; imagenet_jax/data/service.py), the input pipelines run on CPU pods:
+#   DATA_SERVICE_WORKERS       worker pods, `imagenet-jax data-service worker` (unset: none, the
+#                              trainers read in process); a dispatcher pod comes with them, and
+#                              the trainers get --config.data_service=grpc://<dispatcher pod>:PORT
+#   DATA_SERVICE_MACHINE_TYPE  node label node.kubernetes.io/instance-type of the CPU nodes they
+#                              run on, e.g. n2-standard-32 (the cluster needs such a node pool)
+#   DATA_SERVICE_CPUS          CPUs each worker pod requests, e.g. 30 (of an n2-standard-32)
+#   DATA_SERVICE_PORT          the dispatcher's port (default 5050)
+#   The dispatcher keeps its journal in WORKDIR/data_service (fault-tolerant: its jobs survive
+#   its restart). The JobSet starts the trainers once the service is up, and deletes the
+#   service's pods when the trainers are done.
 #
 # Single host (a v5e 2x4 slice on one ct5lp-hightpu-8t VM; or one GPU node):
 #   export JOBSET_NAME=rn50 IMAGE=us-docker.pkg.dev/my-project/ml/imagenet-jax:tpu BUCKET=my-bucket
@@ -53,10 +64,17 @@
 #     launch/gke.sh tpu --config.dataset=folder:/gcs/imagenet --config.batch_size=8192
 #   NUM_NODES=4 GPU_ACCELERATOR=nvidia-h100-80gb launch/gke.sh gpu --config.batch_size=2048
 #   launch/gke.sh logs; launch/gke.sh delete
+#
+# The same slice fed by 8 data-service workers on n2-standard-32 nodes:
+#   DATA_SERVICE_WORKERS=8 DATA_SERVICE_MACHINE_TYPE=n2-standard-32 DATA_SERVICE_CPUS=30 \
+#     TPU_ACCELERATOR=tpu-v5-lite-podslice TPU_TOPOLOGY=16x16 \
+#     launch/gke.sh tpu --config.dataset=folder:/gcs/imagenet --config.batch_size=8192
 set -euo pipefail
 
 readonly SELF=launch/gke.sh
 readonly COMMON_VARIABLES="JOBSET_NAME IMAGE BUCKET WORKDIR CONFIG MAX_RESTARTS SERVICE_ACCOUNT"
+readonly DATA_SERVICE_VARIABLES="DATA_SERVICE_WORKERS DATA_SERVICE_MACHINE_TYPE DATA_SERVICE_CPUS
+  DATA_SERVICE_PORT DATA_SERVICE_JOURNAL DATA_SERVICE_ADDRESS"
 templates=$(cd "$(dirname "$0")" && pwd)/gke
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -74,6 +92,8 @@ declare -A WHAT=(
   [TPU_TOPOLOGY]="the slice's topology, e.g. TPU_TOPOLOGY=16x16"
   [NUM_NODES]="the number of GPU nodes, e.g. NUM_NODES=4"
   [GPU_ACCELERATOR]="the GPU node label, e.g. GPU_ACCELERATOR=nvidia-h100-80gb"
+  [DATA_SERVICE_MACHINE_TYPE]="the data service's CPU machine type, e.g. DATA_SERVICE_MACHINE_TYPE=n2-standard-32"
+  [DATA_SERVICE_CPUS]="the CPUs of each data-service worker pod, e.g. DATA_SERVICE_CPUS=30"
 )
 
 require_count() {  # require_count NAME...: each a whole number of at least 1
@@ -97,7 +117,7 @@ kubectl_cmd() {
 
 check_name() {
   require JOBSET_NAME
-  # Pod host names are JOBSET_NAME-workers-J-P and must stay within 63 characters.
+  # Pod host names, the longest JOBSET_NAME-data-dispatcher-0-0, must stay within 63 characters.
   [[ $JOBSET_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ && ${#JOBSET_NAME} -le 40 ]] ||
     die "JOBSET_NAME=$JOBSET_NAME: use lowercase letters, digits and '-' (a letter first), at most 40"
 }
@@ -137,16 +157,53 @@ gpu_variables() {
   export NUM_NODES GPU_ACCELERATOR
 }
 
-# render TEMPLATE "NAME..." [FLAG...]: the template with each ${NAME} replaced by $NAME
-# (escaped for the double-quoted YAML strings they sit in) and the line "#@extra_args" by one
-# list item per FLAG. A placeholder not in NAME... or with no value is an error; $(NAME) is
-# left to Kubernetes, which expands it from the container's environment.
+data_service_variables() {
+  require DATA_SERVICE_MACHINE_TYPE DATA_SERVICE_CPUS
+  export DATA_SERVICE_PORT=${DATA_SERVICE_PORT:-5050}
+  require_count DATA_SERVICE_WORKERS DATA_SERVICE_PORT
+  [[ $DATA_SERVICE_CPUS =~ ^([0-9]+(\.[0-9]+)?|[0-9]+m)$ ]] ||
+    die "DATA_SERVICE_CPUS=$DATA_SERVICE_CPUS: expected a CPU count, e.g. 30, 7.5 or 7500m"
+  # The journal goes through the Cloud Storage API, as the workdir: /gcs is BUCKET's mount.
+  local workdir=${WORKDIR%/}
+  case $workdir in
+    gs://*) export DATA_SERVICE_JOURNAL=$workdir/data_service ;;
+    /gcs/*) export DATA_SERVICE_JOURNAL=gs://$BUCKET/${workdir#/gcs/}/data_service ;;
+    *) die "WORKDIR=$WORKDIR: with DATA_SERVICE_WORKERS the dispatcher keeps its journal in" \
+           "the workdir, which must be in Cloud Storage: gs://BUCKET/... or /gcs/..." ;;
+  esac
+  # JobSet's DNS name of pod 0 of job 0 of replicated job data-dispatcher
+  # (launch/gke/data-service.yaml), the subdomain being the JobSet's name.
+  export DATA_SERVICE_ADDRESS=$JOBSET_NAME-data-dispatcher-0-0.$JOBSET_NAME:$DATA_SERVICE_PORT
+  export DATA_SERVICE_WORKERS DATA_SERVICE_MACHINE_TYPE DATA_SERVICE_CPUS
+}
+
+# render TEMPLATE "NAME..." "PART..." [FLAG...]: the template with each line "#@part PART"
+# replaced by the file PART beside it (indented as the line) when PART is one of PART..., else
+# dropped; then each ${NAME} replaced by $NAME (escaped for the double-quoted YAML strings they
+# sit in) and the line "#@extra_args" by one list item per FLAG. A placeholder not in NAME...
+# or with no value is an error; $(NAME) is left to Kubernetes, which expands it from the
+# container's environment.
 render() {
   "${PYTHON:-python3}" - "$@" <<'PY'
 import json, os, re, sys
 
-template, names, flags = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+template, names, parts, flags = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4:]
 text = open(template).read()
+placed = set()
+
+
+def part(match):
+    indent, name = match.groups()
+    if name not in parts:
+        return ""
+    placed.add(name)
+    lines = open(os.path.join(os.path.dirname(template), name)).read().splitlines(keepends=True)
+    return "".join(indent + line for line in lines)
+
+
+text = re.sub(r"^( *)#@part (\S+)\n", part, text, flags=re.M)
+if set(parts) - placed:
+    sys.exit(f"launch/gke.sh: error: {template} has no line #@part {' '.join(sorted(set(parts) - placed))}")
 used = set(re.findall(r"\$\{(\w+)\}", text))
 unknown = sorted(used - set(names))
 if unknown:
@@ -169,9 +226,15 @@ PY
 }
 
 apply() {  # apply KIND "NAME..." [FLAG...]
-  local kind=$1 names=$2 manifest
+  local kind=$1 names=$2 parts="" manifest
   shift 2
-  manifest=$(render "$templates/jobset-$kind.yaml" "$names" "$@")
+  if [[ -n ${DATA_SERVICE_WORKERS:-} ]]; then
+    data_service_variables
+    names+=" $DATA_SERVICE_VARIABLES"
+    parts=data-service.yaml
+    set -- "--config.data_service=grpc://$DATA_SERVICE_ADDRESS" "$@"
+  fi
+  manifest=$(render "$templates/jobset-$kind.yaml" "$names" "$parts" "$@")
   if dry_run; then
     printf '%s\n' "$manifest"
     return 0
@@ -197,7 +260,7 @@ case $command in
   logs)
     check_name
     kubectl_cmd logs --follow --tail=200 \
-      --selector="jobset.sigs.k8s.io/jobset-name=$JOBSET_NAME,batch.kubernetes.io/job-completion-index=0"
+      --selector="jobset.sigs.k8s.io/jobset-name=$JOBSET_NAME,jobset.sigs.k8s.io/replicatedjob-name=workers,batch.kubernetes.io/job-completion-index=0"
     ;;
   delete)
     check_name

@@ -11,6 +11,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,10 +30,18 @@ LAUNCHER_VARIABLES = (
     "PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION SPOT RESERVED REPO_URL REPO_REF "
     "REMOTE_DIR REMOTE_PYTHON WORKER POLL_S DRY_RUN JOBSET_NAME IMAGE BUCKET WORKDIR CONFIG "
     "MAX_RESTARTS SERVICE_ACCOUNT NAMESPACE TPU_ACCELERATOR TPU_TOPOLOGY CHIPS_PER_HOST "
-    "NUM_HOSTS NUM_NODES GPUS_PER_NODE GPU_ACCELERATOR COORDINATOR_PORT VENV EXTRA_ARGS"
+    "NUM_HOSTS NUM_NODES GPUS_PER_NODE GPU_ACCELERATOR COORDINATOR_PORT VENV EXTRA_ARGS "
+    "DATA_SERVICE_WORKERS DATA_SERVICE_MACHINE_TYPE DATA_SERVICE_CPUS DATA_SERVICE_PORT "
+    "DATA_SERVICE_HOSTS DATA_SERVICE_NODES"
 ).split()
 # A stand-in's first line: append this call, its words quoted for shlex, to $CALLS.
 LOG_CALL = 'printf -v words "%q " {name} "$@"; echo "$words" >> "$CALLS"\n'
+# `listen PORT SECONDS`: listens on 127.0.0.1:PORT for SECONDS, as a dispatcher once started.
+LISTEN = f"""#!{sys.executable}
+import socket, sys, time
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+time.sleep(float(sys.argv[2]))
+"""
 
 
 def _shellcheck() -> str:
@@ -50,6 +59,17 @@ def _stub(folder: Path, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/bin/bash\n" + body)
     path.chmod(0o755)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _listener(folder: Path) -> None:
+    (folder / "listen").write_text(LISTEN)
+    (folder / "listen").chmod(0o755)
 
 
 def _env(tmp_path: Path, **variables: str) -> dict:
@@ -258,8 +278,9 @@ def test_tpu_vm_create_stops_on_a_failed_request(tmp_path):
 
 # A TPU VM, simulated: the gcloud stand-in copies what `tpu-vm scp` sends into a temporary
 # home and runs what `tpu-vm ssh` sends there under bash, in a fresh environment, as ssh
-# would (one worker stands for all). The VM's PATH holds the stand-ins below, which record
-# each call to $VM_LOG, and the real tools the remote commands use; nothing else.
+# would (one worker stands for all); `compute scp` and `compute ssh` do the same for a
+# Compute Engine VM, in a home of its own. The VMs' PATH holds the stand-ins below, which
+# record each call to $VM_LOG, and the real tools the remote commands use; nothing else.
 
 VM_TOOLS = ("cat", "cp", "date", "git", "grep", "gzip", "mkdir", "nohup", "readlink", "rm", "sed",
             "sleep", "tail", "tar")
@@ -269,19 +290,20 @@ positional=() remote=
 for arg; do
   case $arg in --command=*) remote=${arg#--command=} ;; -*) ;; *) positional+=("$arg") ;; esac
 done
-case "${positional[2]} ${positional[3]}" in
-  "tpu-vm scp") exec cp "${positional[4]}" "$VM_HOME/${positional[5]#*:}" ;;
-  "tpu-vm ssh")
-    cd "$VM_HOME" && exec env -i HOME="$VM_HOME" PATH="$VM_BIN" VM_BIN="$VM_BIN" \\
-      VM_LOG="$VM_LOG" VM_FIXTURES="$VM_FIXTURES" TRAIN_SECONDS="${TRAIN_SECONDS:-0}" \\
-      "$BASH" -c "$remote" ;;
+case "${positional[1]} ${positional[2]} ${positional[3]}" in
+  "tpus tpu-vm scp") exec cp "${positional[4]}" "$VM_HOME/${positional[5]#*:}" ;;
+  "tpus tpu-vm ssh") home=$VM_HOME host=worker-0 ;;
+  "scp "*) exec cp "${positional[2]}" "$VM_HOSTS/${positional[3]%%:*}/${positional[3]#*:}" ;;
+  "ssh "*) home=$VM_HOSTS/${positional[2]} host=${positional[2]} ;;
+  *) echo "gcloud ${positional[*]:1:3} is not simulated" >&2; exit 99 ;;
 esac
-echo "gcloud ${positional[*]:2:2} is not simulated" >&2
-exit 99
+cd "$home" && exec env -i HOME="$home" PATH="$VM_BIN" VM_BIN="$VM_BIN" VM_HOSTNAME="$host" \\
+  VM_LOG="$VM_LOG" VM_FIXTURES="$VM_FIXTURES" TRAIN_SECONDS="${TRAIN_SECONDS:-0}" \\
+  "$BASH" -c "$remote"
 '''
 # On the VM's PATH from the start.
 VM_STANDINS = {
-    "hostname": 'echo worker-0\n',
+    "hostname": 'echo "$VM_HOSTNAME"\n',
     "sudo": 'record ran "$PWD" "$0" "$@"\nexec "$@"\n',
     # "Installs" a package by putting the fixture of that name, if any, on PATH.
     "apt-get": 'record ran "$PWD" "$0" "$@"\n'
@@ -304,8 +326,9 @@ VM_FIXTURES = {
            'if [[ $1 == install && " $* " == *" "[./]* ]]; then\n'
            '  cp "$VM_FIXTURES/imagenet-jax" "${0%/*}/imagenet-jax"\n'
            'fi\n',
-    # Training: says where its output goes and whether it outlives a hangup, then waits
-    # TRAIN_SECONDS for a SIGTERM, on which it exits 75 as imagenet-jax does.
+    # Training (or a data-service server): says where its output goes and whether it
+    # outlives a hangup, then waits TRAIN_SECONDS for a SIGTERM, on which it exits 75 as
+    # imagenet-jax does. A dispatcher listens on its --port meanwhile.
     "imagenet-jax": 'record ran "$PWD" "$0" "$@"\n'
                     'echo "imagenet-jax stand-in $$: started"\n'
                     'echo "imagenet-jax stand-in $$: to stderr" >&2\n'
@@ -313,7 +336,12 @@ VM_FIXTURES = {
                     'record trainer $$ "$(sed -n "s/^SigIgn:\\s*//p" /proc/$$/status)" '
                     '"$(readlink /proc/$$/fd/0)" "$(readlink /proc/$$/fd/1)" '
                     '"$(readlink /proc/$$/fd/2)"\n'
-                    'sleep "${TRAIN_SECONDS:-0}" & sleeper=$!\n'
+                    'if [[ "$1 $2" == "data-service dispatcher" ]]; then\n'
+                    '  for arg; do [[ $arg == --port=* ]] && port=${arg#--port=}; done\n'
+                    '  listen "$port" "${TRAIN_SECONDS:-0}" & sleeper=$!\n'
+                    'else\n'
+                    '  sleep "${TRAIN_SECONDS:-0}" & sleeper=$!\n'
+                    'fi\n'
                     'wait "$sleeper"\n',
 }
 
@@ -329,8 +357,10 @@ class Trainer(NamedTuple):
 
 @dataclasses.dataclass
 class TpuVm:
-    """A simulated TPU VM: its home, and the record its stand-ins keep."""
+    """A simulated TPU VM: its home, the folder of the Compute Engine VMs' homes (one folder
+    a VM, named as the VM), and the record the stand-ins of all of them keep."""
     home: Path
+    hosts: Path
     log: Path
 
     def records(self, kind: str) -> list[list[str]]:
@@ -352,22 +382,28 @@ class TpuVm:
         return [Trainer(int(pid), bool(int(ignored, 16) & sighup), stdin, stdout, stderr)
                 for pid, ignored, stdin, stdout, stderr in records]
 
+    def machine(self, path: Path) -> str:
+        """Which VM `path` is on: "tpu", or a Compute Engine VM's name."""
+        return "tpu" if path.is_relative_to(self.home) else path.relative_to(self.hosts).parts[0]
+
     def end_trainers(self) -> None:
-        """Kills the training stand-ins still running, and no other process."""
+        """Ends the imagenet-jax stand-ins still running on any VM (by their SIGTERM trap,
+        which ends what they started), and no other process: one whose pid was reused runs
+        elsewhere than in a VM's folder (they run .venv/bin/imagenet-jax, a relative path)."""
         for trainer in self.trainers(0):
             try:
-                if str(self.home) in Path(f"/proc/{trainer.pid}/cmdline").read_text():
-                    os.kill(trainer.pid, signal.SIGKILL)
+                if Path(f"/proc/{trainer.pid}/cwd").resolve().is_relative_to(self.log.parent):
+                    os.kill(trainer.pid, signal.SIGTERM)
             except (FileNotFoundError, ProcessLookupError):
                 pass
 
 
-def _simulated_vm(tmp_path: Path, python_installed: bool = True,
+def _simulated_vm(tmp_path: Path, python_installed: bool = True, hosts: tuple[str, ...] = (),
                   **variables: str) -> tuple[TpuVm, dict]:
-    """A fresh TPU VM (with python3.11 or, as the TPU images, without) and the launcher's
-    environment that reaches it."""
+    """A fresh TPU VM (with python3.11 or, as the TPU images, without), fresh Compute Engine
+    VMs named `hosts` alike, and the launcher's environment that reaches them."""
     vm_bin, fixtures, home = (tmp_path / "vm" / name for name in ("bin", "fixtures", "home"))
-    for folder in (vm_bin, fixtures, home):
+    for folder in (vm_bin, fixtures, home, *(tmp_path / "vm" / "hosts" / host for host in hosts)):
         folder.mkdir(parents=True)
     for tool in VM_TOOLS:
         assert shutil.which(tool), f"{tool} is needed to simulate a TPU VM"
@@ -376,11 +412,12 @@ def _simulated_vm(tmp_path: Path, python_installed: bool = True,
         _stub(vm_bin, name, VM_RECORD + body)
     for name, body in VM_FIXTURES.items():
         _stub(fixtures, name, VM_RECORD + body)
+    _listener(vm_bin)
     if python_installed:
         shutil.copy(fixtures / "python3.11", vm_bin)
-    vm = TpuVm(home, tmp_path / "vm" / "record.log")
-    env = _env(tmp_path, **TPU, VM_HOME=str(home), VM_BIN=str(vm_bin), VM_LOG=str(vm.log),
-               VM_FIXTURES=str(fixtures), **variables)
+    vm = TpuVm(home, tmp_path / "vm" / "hosts", tmp_path / "vm" / "record.log")
+    env = _env(tmp_path, **TPU, VM_HOME=str(home), VM_HOSTS=str(vm.hosts), VM_BIN=str(vm_bin),
+               VM_LOG=str(vm.log), VM_FIXTURES=str(fixtures), **variables)
     _stub(tmp_path / "bin", "gcloud", VM_GCLOUD)
     return vm, env
 
@@ -415,10 +452,11 @@ def _head(tree: Path) -> str:
                           capture_output=True, text=True, timeout=TIMEOUT_S).stdout.strip()
 
 
-def _assert_installed_in_a_venv(ran: list[Ran], tree: Path) -> Path:
+def _assert_installed_in_a_venv(ran: list[Ran], tree: Path, extra: str | None = "tpu") -> Path:
     """Python 3.11 made a venv in `tree`, and that venv's pip (no other) then installed
-    `tree` editable with the tpu extra, an extra of the tree's pyproject.toml. Returns the
-    venv."""
+    `tree` editable with the `extra` (an extra of the tree's pyproject.toml), or with none.
+    Only the calls made on `tree`'s machine count. Returns the venv."""
+    ran = [call for call in ran if call.cwd.is_relative_to(tree.parent)]
     (create,) = [call for call in ran if call.program.name == "python3.11"]
     assert create.args[:2] == ["-m", "venv"], create
     venv = create.cwd / create.args[-1]
@@ -428,9 +466,9 @@ def _assert_installed_in_a_venv(ran: list[Ran], tree: Path) -> Path:
     assert ran.index(create) < ran.index(pips[0])
     projects = [project for call in pips if "install" in call.args
                 for project in _installed_projects(call)]
-    assert any(folder == tree and editable and "tpu" in extras
+    assert any(folder == tree and editable and (extra in extras if extra else not extras)
                for folder, extras, editable in projects), projects
-    assert "tpu" in _extras(tree / "pyproject.toml")
+    assert extra is None or extra in _extras(tree / "pyproject.toml")
     return venv
 
 
@@ -510,11 +548,13 @@ def installed_home(tmp_path_factory, origin) -> Path:
     return vm.home
 
 
-def _installed_vm(tmp_path: Path, installed_home: Path,
+def _installed_vm(tmp_path: Path, installed_home: Path, hosts: tuple[str, ...] = (),
                   **variables: str) -> tuple[TpuVm, dict, Path]:
-    """A simulated VM after `install`; and its code's folder."""
-    vm, env = _simulated_vm(tmp_path, **variables)
-    shutil.copytree(installed_home, vm.home, symlinks=True, dirs_exist_ok=True)
+    """A simulated VM, and Compute Engine VMs named `hosts`, after `install`; and the TPU
+    VM's code's folder."""
+    vm, env = _simulated_vm(tmp_path, hosts=hosts, **variables)
+    for home in (vm.home, *(vm.hosts / host for host in hosts)):
+        shutil.copytree(installed_home, home, symlinks=True, dirs_exist_ok=True)
     return vm, env, vm.home / "imagenet_jax"
 
 
@@ -524,7 +564,7 @@ def test_tpu_vm_run_starts_imagenet_jax_on_every_worker(tmp_path, installed_home
             "--config.dataset=folder:/mnt/my imagenet"]
     done = _launch("tpu_vm.sh", ["run", *args], env)
     assert done.returncode == 0, done.stderr
-    ssh = _calls(tmp_path)[-1]
+    (ssh,) = _calls(tmp_path)  # the TPU alone: no data service without DATA_SERVICE_HOSTS
     _assert_targets_the_tpu(ssh)
     assert _flag(ssh, "--worker") == "all"
     (trainer,) = vm.trainers()
@@ -648,6 +688,114 @@ def test_tpu_vm_pid_file_of_an_ended_run_names_no_run(tmp_path, installed_home):
         stranger.kill()
         stranger.wait()
         vm.end_trainers()
+
+
+# The data service on Compute Engine VMs (DATA_SERVICE_HOSTS), simulated beside the TPU VM.
+
+DATA_SERVICE_HOSTS = ("cpu-vm-1", "cpu-vm-2")
+
+
+def test_tpu_vm_install_sets_up_the_data_service_hosts(tmp_path):
+    vm, env = _simulated_vm(tmp_path, hosts=DATA_SERVICE_HOSTS,
+                            DATA_SERVICE_HOSTS=" ".join(DATA_SERVICE_HOSTS))
+    done = _launch("tpu_vm.sh", ["install"], env)
+    assert done.returncode == 0, done.stderr
+    ran = vm.ran()
+    _assert_installed_in_a_venv(ran, vm.home / "imagenet_jax")
+    for host in DATA_SERVICE_HOSTS:
+        tree = vm.hosts / host / "imagenet_jax"
+        assert (tree / "launch/tpu_vm.sh").read_bytes() == (REPO / "launch/tpu_vm.sh").read_bytes()
+        _assert_installed_in_a_venv(ran, tree, extra=None)  # the CPU build: no TPU extra
+        assert any(line.startswith(f"{host}: jax ") for line in done.stdout.splitlines())
+    for call in _calls(tmp_path):
+        if call[:2] == ["gcloud", "compute"] and call[2] != "tpus":
+            assert _flag(call, "--project") == "my-project"
+            assert _flag(call, "--zone") == "us-west4-a"
+
+
+def _role(args: list[str]) -> str:
+    """What an imagenet-jax command line runs: "train", "data-service worker", ..."""
+    return " ".join(args[:2] if args[0] == "data-service" else args[:1])
+
+
+def _processes(vm: TpuVm, count: int) -> dict[tuple[str, str], Trainer]:
+    """The imagenet-jax processes started on the VMs, once `count` have, by (VM, log name)."""
+    return {(vm.machine(Path(p.stdout)), Path(p.stdout).name): p for p in vm.trainers(count)}
+
+
+def test_tpu_vm_run_starts_the_data_service_then_the_training_and_stop_ends_all(
+        tmp_path, installed_home):
+    port = _free_port()
+    vm, env, tree = _installed_vm(tmp_path, installed_home, DATA_SERVICE_HOSTS,
+                                  DATA_SERVICE_HOSTS=" ".join(DATA_SERVICE_HOSTS),
+                                  DATA_SERVICE_PORT=str(port), TRAIN_SECONDS=str(TIMEOUT_S))
+    try:
+        args = ["train", "--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50"]
+        done = _launch("tpu_vm.sh", ["run", *args], env)
+        assert done.returncode == 0, done.stderr
+        processes = _processes(vm, 4)
+        assert set(processes) == {("cpu-vm-1", "data-service-dispatcher.log"),
+                                  ("cpu-vm-1", "data-service-worker.log"),
+                                  ("cpu-vm-2", "data-service-worker.log"),
+                                  ("tpu", "imagenet-jax.log")}
+        assert all(p.ignores_sighup and p.stdin == os.devnull for p in processes.values())
+        ran = [call for call in vm.ran() if call.program.name == "imagenet-jax"]
+        started = {(vm.machine(call.cwd), _role(call.args)): call for call in ran}
+        assert set(started) == {("cpu-vm-1", "data-service dispatcher"),
+                                ("cpu-vm-1", "data-service worker"),
+                                ("cpu-vm-2", "data-service worker"), ("tpu", "train")}
+        dispatcher = started["cpu-vm-1", "data-service dispatcher"]
+        assert dispatcher.args == ["data-service", "dispatcher", f"--port={port}"]
+        for host in DATA_SERVICE_HOSTS:
+            worker = started[host, "data-service worker"]
+            assert worker.program == vm.hosts / host / "imagenet_jax/.venv/bin/imagenet-jax"
+            assert worker.args[2:] == [f"--dispatcher=cpu-vm-1:{port}", f"--worker_host={host}"]
+        training = started["tpu", "train"]
+        assert training.args == [*args, f"--config.data_service=grpc://cpu-vm-1:{port}"]
+        # The dispatcher listened before the training started (it records, then listens).
+        assert ran.index(dispatcher) < ran.index(training)
+
+        again = _launch("tpu_vm.sh", ["run", *args], env)  # the service is reused
+        assert again.returncode != 0 and "imagenet-jax is already running" in again.stderr
+        assert again.stderr.count("is already running") == 4, again.stderr
+        assert len(vm.records("trainer")) == 4
+
+        calls = len(_calls(tmp_path))
+        stopped = _launch("tpu_vm.sh", ["stop"], env)
+        assert stopped.returncode == 0, stopped.stderr
+        stops = _calls(tmp_path)[calls:]
+        _assert_targets_the_tpu(stops[0])  # the training first, then the service
+        assert [call[2:4] for call in stops[1:]] == [
+            ["ssh", "cpu-vm-1"], ["ssh", "cpu-vm-2"], ["ssh", "cpu-vm-1"]]
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(vm.records("terminated")) < 4:
+            assert time.monotonic() < deadline, f"not stopped: {vm.records('terminated')}"
+            time.sleep(0.02)
+        assert sorted(int(pid) for (pid,) in vm.records("terminated")) == \
+            sorted(p.pid for p in processes.values())
+    finally:
+        vm.end_trainers()
+
+
+def test_tpu_vm_run_starts_no_training_when_the_dispatcher_does_not_listen(
+        tmp_path, installed_home):
+    port = _free_port()
+    vm, env, tree = _installed_vm(tmp_path, installed_home, DATA_SERVICE_HOSTS,
+                                  DATA_SERVICE_HOSTS=" ".join(DATA_SERVICE_HOSTS),
+                                  DATA_SERVICE_PORT=str(port))
+    _stub(Path(env["VM_BIN"]), "listen", "exit 1\n")  # a dispatcher that fails at start
+    done = _launch("tpu_vm.sh", ["run", "train"], env)
+    assert done.returncode != 0
+    assert f"cpu-vm-1: the data-service dispatcher is not listening on port {port}" in done.stderr
+    assert [call[2:4] for call in _calls(tmp_path)] == [["ssh", "cpu-vm-1"]]  # nothing more
+    assert [_role(call.args) for call in vm.ran() if call.program.name == "imagenet-jax"] == [
+        "data-service dispatcher"]
+
+
+def test_tpu_vm_data_service_hosts_must_be_instance_names(tmp_path):
+    done = _tpu_vm(tmp_path, "run", "train", DATA_SERVICE_HOSTS="cpu-vm-1 cpu_vm;2")
+    assert done.returncode == 2 and "cpu_vm;2 is not a Compute Engine instance name" in done.stderr
+    assert done.stdout == ""
 
 
 def test_tpu_vm_delete_removes_the_queued_resource(tmp_path):
@@ -802,12 +950,40 @@ JOBSET_SCHEMA = {
 }
 
 
+# What a data-service job needs (launch/gke/data-service.yaml): restarted in place on CPU nodes.
+DATA_SERVICE_JOB_SCHEMA = {
+    "name": str,
+    "replicas": 1,
+    "template": {"spec": {
+        "parallelism": int,
+        "completions": int,
+        "completionMode": "Indexed",
+        "backoffLimit": int,
+        "template": {"spec": {
+            "restartPolicy": "OnFailure",
+            "nodeSelector": {"node.kubernetes.io/instance-type": str},
+            "containers": [{
+                "name": str,
+                "image": str,
+                "command": ["imagenet-jax", "data-service", str],
+                "args": [str],
+                "resources": {"requests": {"cpu": str}},
+            }],
+        }},
+    }},
+}
+
+
 def _check_schema(value, schema, where: str = "manifest") -> None:
     if isinstance(schema, dict):
         assert isinstance(value, dict), f"{where} is not a mapping: {value!r}"
         for key, item_schema in schema.items():
             assert key in value, f"{where}.{key} is missing"
             _check_schema(value[key], item_schema, f"{where}.{key}")
+    elif isinstance(schema, list) and len(schema) > 1:  # a list of these items exactly
+        assert isinstance(value, list) and len(value) == len(schema), f"{where} is {value!r}"
+        for index, (item, item_schema) in enumerate(zip(value, schema, strict=True)):
+            _check_schema(item, item_schema, f"{where}[{index}]")
     elif isinstance(schema, list):
         assert isinstance(value, list) and value, f"{where} is not a non-empty list"
         for index, item in enumerate(value):
@@ -824,7 +1000,13 @@ def _render(tmp_path, kind: str, *flags: str, **variables) -> dict:
     assert done.returncode == 0, done.stderr
     assert "${" not in done.stdout
     manifest = yaml.safe_load(done.stdout)
-    _check_schema(manifest, JOBSET_SCHEMA)
+    jobs = manifest["spec"]["replicatedJobs"]
+    trainers = [job for job in jobs if job["name"] == "workers"]
+    _check_schema({**manifest, "spec": {**manifest["spec"], "replicatedJobs": trainers}},
+                  JOBSET_SCHEMA)
+    for job in jobs:
+        if job["name"] != "workers":
+            _check_schema(job, DATA_SERVICE_JOB_SCHEMA, f"replicatedJobs.{job['name']}")
     assert _calls(tmp_path) == []
     return manifest
 
@@ -833,6 +1015,12 @@ def _workers(manifest: dict) -> tuple[dict, dict]:
     (job,) = manifest["spec"]["replicatedJobs"]
     pod = job["template"]["spec"]["template"]["spec"]
     return job["template"]["spec"], pod
+
+
+def _jobs(manifest: dict) -> dict[str, tuple[dict, dict]]:
+    """Each replicated job's Job spec and pod spec, by its name."""
+    return {job["name"]: (job["template"]["spec"], job["template"]["spec"]["template"]["spec"])
+            for job in manifest["spec"]["replicatedJobs"]}
 
 
 def test_gke_tpu_manifest_runs_one_pod_per_host_of_the_slice(tmp_path):
@@ -878,6 +1066,92 @@ def test_gke_gpu_manifest_joins_the_pods_through_pod_zero(tmp_path):
         "--config.batch_size=2048", '--config.note=a "b"']
 
 
+GKE_DATA_SERVICE = dict(DATA_SERVICE_WORKERS="3", DATA_SERVICE_MACHINE_TYPE="n2-standard-32",
+                        DATA_SERVICE_CPUS="30")
+
+
+@pytest.mark.parametrize("kind, variables", [("tpu", GKE_TPU), ("gpu", GKE_GPU)])
+def test_gke_data_service_feeds_the_trainers_from_cpu_pods(tmp_path, kind, variables):
+    manifest = _render(tmp_path, kind, "--config.batch_size=2048", **variables,
+                       **GKE_DATA_SERVICE)
+    spec, jobs = manifest["spec"], _jobs(manifest)
+    # The dispatcher, then its workers, then the trainers; done when the trainers are, when
+    # JobSet deletes the service's pods that still run.
+    assert list(jobs) == ["data-dispatcher", "data-workers", "workers"]
+    assert spec["startupPolicy"] == {"startupPolicyOrder": "InOrder"}
+    assert spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["workers"]}
+
+    dispatcher_job, dispatcher_pod = jobs["data-dispatcher"]
+    assert dispatcher_job["parallelism"] == dispatcher_job["completions"] == 1
+    (dispatcher,) = dispatcher_pod["containers"]
+    assert dispatcher["command"] == ["imagenet-jax", "data-service", "dispatcher"]
+    port = int(_flag(dispatcher["args"], "--port"))
+    assert _flag(dispatcher["args"], "--work_dir") == "gs://my-bucket/runs/rn50/data_service"
+    assert dispatcher["readinessProbe"]["tcpSocket"]["port"] == port  # ready once it listens
+    # JobSet's DNS name of a pod: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>,
+    # the subdomain by default the JobSet's name.
+    subdomain = spec.get("network", {}).get("subdomain", manifest["metadata"]["name"])
+    address = f"rn50-data-dispatcher-0-0.{subdomain}:{port}"
+
+    workers_job, workers_pod = jobs["data-workers"]
+    assert workers_job["parallelism"] == workers_job["completions"] == 3
+    (worker,) = workers_pod["containers"]
+    assert worker["command"] == ["imagenet-jax", "data-service", "worker"]
+    assert _flag(worker["args"], "--dispatcher") == address
+    assert _flag(worker["args"], "--worker_host") == "$(POD_IP)"  # expanded by Kubernetes
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} \
+        in worker["env"]
+    assert worker["resources"]["requests"] == {"cpu": "30"}
+    for pod in (dispatcher_pod, workers_pod):
+        assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "n2-standard-32"}
+
+    _, trainers_pod = jobs["workers"]
+    (trainer,) = trainers_pod["containers"]
+    assert _flag(trainer["args"], "--config.data_service") == f"grpc://{address}"
+    assert trainer["args"][-1] == "--config.batch_size=2048"  # the user's flags last
+    # The workers read the datasets the trainers name, at the same paths.
+    assert worker["volumeMounts"] == [m for m in trainer["volumeMounts"] if m["name"] == "gcs"]
+    assert workers_pod["volumes"] == [v for v in trainers_pod["volumes"] if v["name"] == "gcs"]
+    if kind == "tpu":  # a node pool to the trainers alone, not one to each job
+        exclusive = "alpha.jobset.sigs.k8s.io/exclusive-topology"
+        assert exclusive not in manifest["metadata"].get("annotations", {})
+        trainers = spec["replicatedJobs"][-1]["template"]
+        assert trainers["metadata"]["annotations"][exclusive] == "cloud.google.com/gke-nodepool"
+
+
+@pytest.mark.parametrize("workdir, journal", [
+    ("gs://other-bucket/runs/x/", "gs://other-bucket/runs/x/data_service"),
+    ("/gcs/runs/x", "gs://my-bucket/runs/x/data_service"),  # /gcs: the bucket's mount
+])
+def test_gke_data_service_journal_is_in_the_workdir(tmp_path, workdir, journal):
+    manifest = _render(tmp_path, "gpu", **GKE_GPU, **GKE_DATA_SERVICE, WORKDIR=workdir,
+                       DATA_SERVICE_PORT="6000")
+    (dispatcher,) = _jobs(manifest)["data-dispatcher"][1]["containers"]
+    assert dispatcher["args"] == ["--port=6000", f"--work_dir={journal}"]
+
+
+@pytest.mark.parametrize("variables, message", [
+    (dict(DATA_SERVICE_MACHINE_TYPE=""), "DATA_SERVICE_MACHINE_TYPE is not set"),
+    (dict(DATA_SERVICE_WORKERS="0"), "DATA_SERVICE_WORKERS=0: expected a whole number >= 1"),
+    (dict(DATA_SERVICE_CPUS="all"), "DATA_SERVICE_CPUS=all: expected a CPU count"),
+    (dict(WORKDIR="/mnt/runs/x"), "WORKDIR=/mnt/runs/x: with DATA_SERVICE_WORKERS"),
+])
+def test_gke_data_service_refuses_what_it_cannot_run(tmp_path, variables, message):
+    env = _env(tmp_path, DRY_RUN="1", **GKE, **GKE_GPU, **{**GKE_DATA_SERVICE, **variables})
+    done = _launch("gke.sh", ["gpu"], env)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("workers", [None, ""])
+def test_gke_without_data_service_workers_runs_the_trainers_alone(tmp_path, workers):
+    variables = {"DATA_SERVICE_MACHINE_TYPE": "n2-standard-32", "DATA_SERVICE_CPUS": "30",
+                 **({} if workers is None else {"DATA_SERVICE_WORKERS": workers})}
+    manifest = _render(tmp_path, "tpu", **GKE_TPU, **variables)
+    _, pod = _workers(manifest)  # the trainers' job, and no other
+    assert not any(arg.startswith("--config.data_service") for arg in pod["containers"][0]["args"])
+
+
 @pytest.mark.parametrize("kind, missing", [("tpu", "IMAGE"), ("tpu", "TPU_TOPOLOGY"),
                                            ("gpu", "BUCKET"), ("gpu", "NUM_NODES")])
 def test_gke_names_a_missing_variable(tmp_path, kind, missing):
@@ -907,8 +1181,10 @@ def test_gke_delete_and_logs(tmp_path):
     logs = _launch("gke.sh", ["logs"], env)
     (command,) = _printed_commands(logs.stdout)
     assert command[:2] == ["kubectl", "logs"] and "--follow" in command
-    assert set(_flag(command, "--selector").split(",")) == {  # process 0 of this JobSet
-        "jobset.sigs.k8s.io/jobset-name=rn50", "batch.kubernetes.io/job-completion-index=0"}
+    # Process 0 of this JobSet's trainers, not pod 0 of its data service's jobs.
+    assert set(_flag(command, "--selector").split(",")) == {
+        "jobset.sigs.k8s.io/jobset-name=rn50", "jobset.sigs.k8s.io/replicatedjob-name=workers",
+        "batch.kubernetes.io/job-completion-index=0"}
     assert _calls(tmp_path) == []
 
 
@@ -920,26 +1196,56 @@ SLURM_JOB = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]",
 
 
 def _slurm_env(tmp_path, **variables) -> dict:
-    """A faked 2-node job: srun runs its command once per node, in turn, with that task's
-    SLURM_NODEID; scontrol expands the node list; imagenet-jax logs its arguments."""
-    env = _env(tmp_path, **SLURM_JOB, VENV=str(tmp_path / "venv"), **variables)
+    """A faked job on the nodes FAKE_HOSTS (default gpu07 gpu08): srun runs its command once
+    per node, all at once, with that task's SLURM_NODEID, and passes a SIGTERM on to them;
+    scontrol expands the node list; imagenet-jax logs its arguments, and a data-service
+    server serves (a dispatcher listening on its --port), logging "ROLE NODEID" to
+    $CALLS.serving, until a SIGTERM, which it logs to $CALLS.stopped. With FAKE_AWAIT=LINE
+    training waits until that line is in $CALLS.serving, as a real run outlasts the start
+    of its data service."""
+    env = _env(tmp_path, **{**SLURM_JOB, "VENV": str(tmp_path / "venv"), **variables})
     _stub(tmp_path / "bin", "srun",
           LOG_CALL.format(name="srun") +
           'nodes=1\n'
           'while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done\n'
+          'tasks=() stop=0\n'
+          'trap \'stop=1; kill -TERM "${tasks[@]}" 2>/dev/null\' TERM\n'
+          'for ((i = 0; i < nodes && !stop; i++)); do\n'
+          '  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & tasks+=($!)\n'
+          'done\n'
+          '((stop)) && kill -TERM "${tasks[@]}" 2>/dev/null  # a SIGTERM while starting them\n'
           'status=0\n'
-          'for ((i = 0; i < nodes; i++)); do\n'
-          '  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" || status=$?\n'
+          'for task in "${tasks[@]}"; do\n'
+          '  until wait "$task"; do\n'
+          '    code=$?\n'
+          '    kill -0 "$task" 2>/dev/null || { status=$code; break; }  # else a SIGTERM came\n'
+          '  done\n'
           'done\n'
           'exit "$status"\n')
     _stub(tmp_path / "bin", "scontrol",
           LOG_CALL.format(name="scontrol") +
-          '[[ $1 == show && $2 == hostnames ]] && printf "%s\\n" gpu07 gpu08\n'
+          '[[ $1 == show && $2 == hostnames ]] && printf "%s\\n" ${FAKE_HOSTS:-gpu07 gpu08}\n'
           'exit 0\n')
+    _listener(tmp_path / "bin")
     (tmp_path / "venv" / "bin").mkdir(parents=True, exist_ok=True)
     _stub(tmp_path / "venv" / "bin", "imagenet-jax",
           'printf -v words "%q " imagenet-jax "$@" "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"\n'
           'echo "$words" >> "$CALLS"\n'
+          'if [[ $1 == data-service ]]; then\n'
+          '  role=$2 node=${SLURM_NODEID:-batch}\n'
+          '  trap \'kill "$server"; echo "$role $node" >> "$CALLS.stopped"; exit 143\' TERM\n'
+          '  if [[ $2 == dispatcher ]]; then\n'
+          f'    listen "${{3#--port=}}" {TIMEOUT_S} > /dev/null 2>&1 & server=$!\n'
+          '  else\n'
+          f'    sleep {TIMEOUT_S} > /dev/null 2>&1 & server=$!\n'
+          '  fi\n'
+          '  echo "$role $node" >> "$CALLS.serving"\n'
+          '  wait "$server"\n'
+          '  exit\n'
+          'fi\n'
+          'until [[ -z ${FAKE_AWAIT:-} ]] || grep -qsx "$FAKE_AWAIT" "$CALLS.serving"; do\n'
+          '  sleep 0.01\n'
+          'done\n'
           'sleep "${FAKE_SECONDS:-0}"\n'
           'exit "${FAKE_EXIT:-0}"\n')
     return env
@@ -952,7 +1258,7 @@ def test_sbatch_runs_one_process_per_node_on_all_its_gpus(tmp_path):
     calls = _calls(tmp_path)
     srun = next(call for call in calls if call[0] == "srun")
     assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"} <= set(srun)
-    processes = [call for call in calls if call[0] == "imagenet-jax"]
+    processes = sorted(call for call in calls if call[0] == "imagenet-jax")
     assert processes == [
         ["imagenet-jax", "train", "--config=configs/resnet50.py",
          f"--workdir={REPO}/runs/resnet50", "--coordinator_address=gpu07:24242",
@@ -994,6 +1300,86 @@ def test_sbatch_outlives_a_sigterm_until_the_checkpoint_is_saved(tmp_path):
             job.kill()
     assert job.returncode == 75, stderr
     assert ["scontrol", "requeue", "4242"] in _calls(tmp_path)
+
+
+def _srun_steps(calls: list[list[str]]) -> list[tuple[set[str], list[str]]]:
+    """Each srun call as (its options, the command it runs)."""
+    steps = []
+    for call in calls:
+        if call[0] == "srun":
+            command_at = next(i for i, word in enumerate(call) if i and not word.startswith("-"))
+            steps.append((set(call[1:command_at]), call[command_at:]))
+    return steps
+
+
+@pytest.mark.parametrize("status", [0, 75])
+def test_sbatch_data_service_nodes_serve_the_trainers(tmp_path, status):
+    port = _free_port()
+    env = _slurm_env(tmp_path, FAKE_HOSTS="gpu07 gpu08 gpu09", SLURM_JOB_NODELIST="gpu[07-09]",
+                     DATA_SERVICE_NODES="1", DATA_SERVICE_PORT=str(port), FAKE_EXIT=str(status),
+                     FAKE_AWAIT="worker 0")
+    done = _launch("slurm.sbatch", ["--config.num_epochs=90"], env)
+    assert done.returncode == status, done.stderr
+    calls = _calls(tmp_path)
+    venv_program = str(tmp_path / "venv" / "bin" / "imagenet-jax")
+    # The dispatcher on the first node, by this script (not a task of a step), listening
+    # before any step starts.
+    (dispatcher,) = [call for call in calls if call[:3] == ["imagenet-jax", "data-service",
+                                                            "dispatcher"]]
+    assert dispatcher[3] == f"--port={port}"
+    assert calls.index(dispatcher) < min(i for i, call in enumerate(calls) if call[0] == "srun")
+    # Two steps, started in this order but logged in any (the first runs in the background).
+    steps = _srun_steps(calls)
+    ((workers_step, workers),) = [step for step in steps if "data-service" in step[1]]
+    ((trainers_step, _),) = [step for step in steps if "train" in step[1]]
+    assert len(steps) == 2
+    # A step of workers on the last node, one task each, with all the node's CPUs.
+    assert {"--nodes=1", "--ntasks-per-node=1", "--nodelist=gpu09",
+            "--cpus-per-task=96"} == workers_step
+    assert workers == [venv_program, "data-service", "worker", f"--dispatcher=gpu07:{port}"]
+    # The trainers on the other nodes, told where the dispatcher is.
+    assert {"--nodes=2", "--nodelist=gpu07,gpu08"} <= trainers_step
+    processes = [call for call in calls if call[:2] == ["imagenet-jax", "train"]]
+    assert len(processes) == 2, calls
+    for process in processes:
+        assert _flag(process, "--num_processes") == "2"
+        assert _flag(process, "--coordinator_address") == "gpu07:24242"
+        assert _flag(process, "--config.data_service") == f"grpc://gpu07:{port}"
+        assert process[-3] == "--config.num_epochs=90"  # the user's flags last
+    # When the job ends, the script stops the dispatcher and the workers' step.
+    stopped = (tmp_path / "calls.log.stopped").read_text().splitlines()
+    assert sorted(stopped) == ["dispatcher batch", "worker 0"]
+    assert (["scontrol", "requeue", "4242"] in calls) == (status == 75)
+
+
+@pytest.mark.parametrize("nodes", [None, "0"])
+def test_sbatch_without_data_service_nodes_trains_on_every_node(tmp_path, nodes):
+    env = _slurm_env(tmp_path, DATA_SERVICE_PORT="30000",
+                     **({} if nodes is None else {"DATA_SERVICE_NODES": nodes}))
+    done = _launch("slurm.sbatch", [], env)
+    assert done.returncode == 0, done.stderr
+    calls = _calls(tmp_path)
+    assert [call[0] for call in calls] == ["scontrol", "srun", "imagenet-jax", "imagenet-jax"]
+    assert calls[1][:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"]
+    assert calls[1][4:6] == ["bash", "-c"]  # as before the data service: no --nodelist
+    assert not any("data_service" in word for call in calls for word in call)
+    assert not (tmp_path / "calls.log.stopped").exists()
+
+
+def test_sbatch_trains_nothing_when_the_dispatcher_does_not_start(tmp_path):
+    env = _slurm_env(tmp_path, DATA_SERVICE_NODES="1", DATA_SERVICE_PORT=str(_free_port()))
+    _stub(tmp_path / "bin", "listen", "exit 1\n")  # a dispatcher that fails at start
+    done = _launch("slurm.sbatch", [], env)
+    assert done.returncode == 2
+    assert "the data service dispatcher" in done.stderr and "exited at start" in done.stderr
+    assert [call[:3] for call in _calls(tmp_path)] == [
+        ["scontrol", "show", "hostnames"], ["imagenet-jax", "data-service", "dispatcher"]]
+
+
+def test_sbatch_refuses_data_service_nodes_that_leave_none_to_train(tmp_path):
+    done = _launch("slurm.sbatch", [], _slurm_env(tmp_path, DATA_SERVICE_NODES="2"))
+    assert done.returncode == 2 and "DATA_SERVICE_NODES=2 leaves none" in done.stderr
+    assert not any(call[0] in ("srun", "imagenet-jax") for call in _calls(tmp_path))
 
 
 def test_sbatch_refuses_to_run_outside_a_job(tmp_path):
