@@ -15,6 +15,15 @@ copy, and a hand-over between processes), so on a few cores, where decoding is t
 long before reading, reading in the pipeline's own threads is faster (BENCHMARKS.md, "TFDS
 reads"): `auto_processes` picks by core count.
 
+Reader processes and the data service (service.py) both take work out of the input
+process, for different cases. Reader processes move the reads only, hand records over
+through this host's memory, and serve a host whose own cores decode enough. The service
+moves the whole pipeline, decoding included, to worker processes on this host or on
+other machines, and serves a run that needs more cores than its host has. On the same
+cores, TFDS through local service workers was the slower of the two where measured
+(BENCHMARKS.md, "Input on tf.data service"), so both stay; a run on the service reads in
+its workers' own threads, never in reader processes (recipe.plan).
+
 This module imports no TensorFlow: the workers are started fresh (multiprocessing's
 spawn, never a fork of a process running TensorFlow's and JAX's threads) and load only
 numpy and array_record. Like any spawned worker they import the program's main module
