@@ -35,7 +35,8 @@ def _ordered_train(source, target, start, stop, *, timeout_s=120.0, spec=SPEC):
     return service.OrderedBatches(
         lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
             source, SHARDING, spec, step, stop, repairs), target),
-        here, start, stop, timeout_s=timeout_s, buffer_size=8)
+        # A buffer for every position: no position is made here for being overtaken.
+        here, start, stop, timeout_s=timeout_s, buffer_size=stop - start)
 
 
 def _in_process(source, start, spec=SPEC, repairs=repair.Repairs()):
@@ -75,7 +76,7 @@ def test_eval_batches_on_the_service_equal_the_in_process_ones(tiny_dataset, loc
         lambda batch, repairs: service.distribute(pipeline.keyed_eval_dataset(
             source, sharding, split="val", image_size=16, crop_ratio=0.875, start_batch=batch,
             stop_batch=num_batches, repairs=repairs), local_service.target),
-        here, 0, num_batches, timeout_s=120, buffer_size=4)
+        here, 0, num_batches, timeout_s=120, buffer_size=num_batches)
     got = list(batches)
     assert len(got) == num_batches == 5 and batches.counts.served == 5
     _assert_batches_equal(got, pipeline.eval_dataset(source, sharding,
@@ -123,6 +124,16 @@ def _fail_at_3(position):
     with tf.control_dependencies([tf.debugging.assert_none_equal(
             position, tf.constant(3, tf.int64), message="unreadable")]):
         return tf.identity(position)
+
+
+def test_a_position_overtaken_by_a_full_buffer_is_made_here_at_once():
+    """Position 0 held up behind four later ones, with a buffer of four: made here without
+    waiting out the timeout, and its late copy dropped."""
+    here = _Here()
+    batches = service.OrderedBatches(_stream_of([1, 2, 3, 4, 5, 0, 6, 7]), here, 0, 8,
+                                     timeout_s=3600, buffer_size=4)
+    assert [int(b["value"]) for b in batches] == [10 * p for p in range(8)]
+    assert here.asked == [0] and batches.counts.made_here == 1 and batches.counts.late == 1
 
 
 def test_a_stream_that_fails_is_replaced_from_the_next_position():

@@ -231,7 +231,7 @@ def test_tfds_batches_on_the_data_service_equal_the_in_process_ones(source):
         batches = service.OrderedBatches(
             lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
                 source, sharding, spec, step, steps, repairs), started.target),
-            here, 0, steps, timeout_s=120, buffer_size=8)
+            here, 0, steps, timeout_s=120, buffer_size=steps)
         got = list(batches)
     reference = here(0, repair.Repairs())
     for batch in got:

@@ -242,20 +242,19 @@ class OrderedBatches(Iterator[dict]):
     def _start_stream(self, position: int) -> None:
         with self._cond:
             self._generation += 1
-            self._ended, self._error = False, None
+            self._ended, self._error = position >= self._stop, None
         if position >= self._stop:
-            self._ended = True
             return
         threading.Thread(target=self._pull, args=(position, self._repairs, self._generation),
                          daemon=True, name="imagenet_jax-data-service").start()
 
-    def _pull(self, position: int, repairs: repair.Repairs, generation: int) -> None:
-        """Fills the reorder buffer from a new stream from `position` on. The stream is
-        made here too: registering it waits for the dispatcher, which must never hold up
-        the consumer (it makes the batches itself meanwhile)."""
+    def _pull(self, start: int, repairs: repair.Repairs, generation: int) -> None:
+        """Fills the reorder buffer from a new stream from `start` on. The stream is made
+        here too: registering it waits for the dispatcher, which must never hold up the
+        consumer (it makes the batches itself meanwhile)."""
         error = None
         try:
-            for element in self._stream(position, repairs).as_numpy_iterator():
+            for element in self._stream(start, repairs).as_numpy_iterator():
                 position = int(element.pop("position"))
                 with self._cond:
                     while (len(self._arrived) >= self._buffer_size and position != self._next
@@ -284,13 +283,18 @@ class OrderedBatches(Iterator[dict]):
             raise StopIteration
         deadline = time.monotonic() + self._timeout_s
         with self._cond:
-            while position not in self._arrived and not self._ended:
+            # A full buffer holds only later positions: the stream is blocked behind them
+            # (its client fetches no more while its own buffer is full), so waiting longer
+            # would not bring this one.
+            while (position not in self._arrived and not self._ended
+                   and len(self._arrived) < self._buffer_size):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             batch = self._arrived.pop(position, None)
             failed, error = self._ended and batch is None, self._error
+            overtaken = len(self._arrived) >= self._buffer_size
             self._next = position + 1
             for late in [p for p in self._arrived if p < self._next]:
                 del self._arrived[late]
@@ -304,9 +308,15 @@ class OrderedBatches(Iterator[dict]):
             reason = f"the service's stream failed ({_describe_error(error)})"
         elif failed:
             reason = "the service's stream ended without it (a worker that died held it)"
+        elif overtaken:
+            reason = f"the service delivered {self._buffer_size} later positions first"
         else:
             reason = f"the service did not deliver it within {self._timeout_s:g} s"
-        logging.warning("data service: position %d made in this process: %s", position, reason)
+        # A warning for the first of a run of positions made here, then one line each in
+        # the log file only: a service that is down must not flood the console.
+        level = logging.INFO if self._local is not None else logging.WARNING
+        logging.log(level, "data service: position %d made in this process: %s", position,
+                    reason)
         batch = self._make_here(position)
         if error is not None and position + 1 < self._stop:
             self._start_stream(position + 1)  # carrying the repairs made here
