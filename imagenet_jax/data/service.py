@@ -313,8 +313,9 @@ class OrderedBatches(Iterator[dict]):
         else:
             reason = f"the service did not deliver it within {self._timeout_s:g} s"
         # A warning for the first of a run of positions made here, then one line each in
-        # the log file only: a service that is down must not flood the console.
-        level = logging.INFO if self._local is not None else logging.WARNING
+        # the log file only: a service that is down must not flood the console. Overtaken
+        # positions are the service's usual disorder (a worker slower for a while): logged.
+        level = logging.INFO if self._local is not None or overtaken else logging.WARNING
         logging.log(level, "data service: position %d made in this process: %s", position,
                     reason)
         batch = self._make_here(position)
