@@ -257,6 +257,10 @@ def _service_counts(workdir) -> tuple[int, int]:
     return records[-1]["input_served"], records[-1]["input_made_here"]
 
 
+# Slow (40 s): the default run has a service stream from a resumed step (10) equal to the
+# in-process one, the kill-and-resume of the same recipe without the service, and a run on
+# the service through a killed worker and a restarted dispatcher.
+@pytest.mark.slow
 def test_a_run_on_local_workers_killed_and_resumed_equals_the_uninterrupted_one(
         tiny_dataset, uninterrupted, tmp_path):
     """The resumable recipe (4 devices, 72 steps) with its batches from two local workers,
