@@ -250,6 +250,12 @@ def test_an_unreachable_dispatcher_is_one_line_and_exit_2(tiny_dataset, tmp_path
     assert not workdir.exists()
 
 
+def _evaluations(workdir) -> list[dict]:
+    """Every evaluation record of the run in `workdir`, but for the time it was taken."""
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_records(workdir)
+            if r["split"].startswith("val")]
+
+
 def _service_counts(workdir) -> tuple[int, int]:
     """(served, made here) of the last run that trained in `workdir`: its last train
     record counts the batches since that run started."""
@@ -317,6 +323,7 @@ def test_a_worker_and_the_dispatcher_killed_mid_run_lose_nothing(tiny_dataset, u
             process.kill()
     assert done == ["worker", "dispatcher"]
     assert trees_equal(final_params(workdir), final_params(uninterrupted))
+    assert _evaluations(workdir) == _evaluations(uninterrupted)  # evaluated on the service too
     served, made_here = _service_counts(workdir)
     assert served + made_here == 72 and served > 0
     steps = [r["step"] for r in read_records(workdir) if r["split"] == "train"]
