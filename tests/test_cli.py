@@ -19,6 +19,7 @@ def run_cli(*args, timeout=120, devices=8):
     ("--config.batch_size=12", "batch_size=12 is not divisible by the number of devices (8)"),
     ("--config.num_epochs=0", "num_epochs must be positive, got 0"),
     ("--config.profile_num_steps=-1", "profile_num_steps must be >= 0, got -1"),
+    ("--config.data_service=local:0", "data_service 'local:0': expected '' (the pipeline"),
     ("--config.no_such_field=1", "no_such_field"),
     ("--config.dataset=folder:/does/not/exist", "/does/not/exist has no train/ directory"),
 ])

@@ -17,6 +17,7 @@ from conftest import REPO, resumable_flags, subprocess_env
 
 from imagenet_jax.data import demo, order, pipeline, repair, service, sources
 from imagenet_jax.metrics import read_records
+from imagenet_jax.spec import parse_data_service
 
 SPEC = pipeline.TrainSpec(16, seed=3, crop_scale=(0.35, 1.0), image_sizes=(12, 16))
 SHARDING = order.Sharding(32, process_index=1, process_count=2)  # one process's slice
@@ -81,6 +82,26 @@ def test_eval_batches_on_the_service_equal_the_in_process_ones(tiny_dataset, loc
     assert len(got) == num_batches == 5 and batches.counts.served == 5
     _assert_batches_equal(got, pipeline.eval_dataset(source, sharding,
                                                      image_size=16).as_numpy_iterator())
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("", ("", "")), ("local:2", ("local", "2")), ("local:016", ("local", "16")),
+    ("grpc://cpu-0:5050", ("grpc", "cpu-0:5050")), ("grpc://[::1]:5050", ("grpc", "[::1]:5050")),
+    ("local:0", None), ("local", None), ("local:x", None), ("grpc://cpu-0", None),
+    ("grpc://:5050", None), ("grpc://cpu-0:0", None), ("cpu-0:5050", None)])
+def test_data_service_grammar(spec, parsed):
+    if parsed is None:
+        with pytest.raises(ValueError, match="expected '' .*'local:N'.*'grpc://HOST:PORT'"):
+            parse_data_service(spec)
+    else:
+        assert parse_data_service(spec) == parsed
+
+
+def test_local_workers_share_the_cores_without_overlap():
+    assert service.cpu_shares(2, [0, 1]) == [[0], [1]]
+    assert service.cpu_shares(3, list(range(8))) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+    assert service.cpu_shares(1, [4, 5]) == [[4, 5]]
+    assert service.cpu_shares(3, [0, 1]) == [[0], [1], [0]]  # more workers than cores
 
 
 def _stream_of(positions):

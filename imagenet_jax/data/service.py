@@ -94,7 +94,7 @@ def connect(spec: str) -> Service | None:
 def check_reachable(address: str, timeout_s: float = _REACHABLE_TIMEOUT_S) -> None:
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as e:
         raise ConfigError(
