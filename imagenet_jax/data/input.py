@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
+import tensorflow as tf
 from jax.sharding import Mesh
 
 from imagenet_jax.config import eval_image_size, train_image_sizes
@@ -94,11 +95,10 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
     if data_service is None:
         host = here(start_step, repair.Repairs())
     else:
-        host = service.OrderedBatches(
-            lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
-                source, sharding, spec, step, stop_step, repairs), data_service.target),
-            here, start_step, stop_step, timeout_s=config.data_service_timeout_s,
-            buffer_size=config.data_service_buffer)
+        host = _in_order(
+            lambda step, repairs: pipeline.keyed_train_dataset(source, sharding, spec, step,
+                                                               stop_step, repairs),
+            here, start_step, stop_step, config, data_service)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
 
 
@@ -121,11 +121,22 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
         host = here(0, repair.Repairs())
     else:
         num_batches = order.num_eval_batches(source, split, config.eval_batch_size)
-        host = service.OrderedBatches(
-            lambda batch, repairs: service.distribute(pipeline.keyed_eval_dataset(
+        host = _in_order(
+            lambda batch, repairs: pipeline.keyed_eval_dataset(
                 source, sharding, split=split, image_size=image_size, crop_ratio=crop_ratio,
                 start_batch=batch, stop_batch=num_batches, repairs=repairs),
-                data_service.target),
-            here, 0, num_batches, timeout_s=config.data_service_timeout_s,
-            buffer_size=config.data_service_buffer)
+            here, 0, num_batches, config, data_service)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
+
+
+def _in_order(keyed: Callable[[int, repair.Repairs], tf.data.Dataset],
+              here: Callable[[int, repair.Repairs], repair.SkippingBatches], start: int,
+              stop: int, config: ml_collections.ConfigDict,
+              data_service: service.Service) -> service.OrderedBatches:
+    """Positions [start, stop) made by `data_service`'s workers from `keyed` (the keyed
+    batches from a position on), in order, each made `here` when the service fails it."""
+    return service.OrderedBatches(
+        lambda position, repairs: service.distribute(keyed(position, repairs),
+                                                     data_service.target),
+        here, start, stop, timeout_s=config.data_service_timeout_s,
+        buffer_size=config.data_service_buffer)
