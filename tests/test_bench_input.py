@@ -1,10 +1,12 @@
 """`bench input`: the pipeline's figures and both floors, measured on the same files."""
 
+import collections
 import json
 import subprocess
 import sys
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, tiny_config
+from PIL import Image
 
 FIELDS = ("images_per_sec", "device_images_per_sec", "eval_images_per_sec",
           "floor_read_images_per_sec", "floor_decode_images_per_sec", "read_one_reader_per_sec",
@@ -30,8 +32,6 @@ def test_bench_input_prints_json_with_pipeline_and_floors(tiny_dataset):
     assert figures["vs_floor_decode"] == sorted(figures["vs_floor_decode_runs"])[1]
     assert figures["read_scaling"] == sorted(figures["read_scaling_runs"])[1]
     assert figures["source"] == "folder"
-    # Reading bytes is cheaper than reading and decoding them, whatever the noise.
-    assert figures["floor_read_images_per_sec"] > figures["floor_decode_images_per_sec"]
 
 
 def test_bench_input_refuses_synthetic_data():
@@ -72,3 +72,45 @@ def test_a_pass_is_timed_to_its_last_element_not_its_tear_down():
 
     assert time_pass(make, block=False, clock=lambda: now[0]) == 3.0
     assert now[0] == 103.0  # released, outside the clock
+
+
+def test_floors_read_and_decode_the_pipelines_images(tiny_dataset, monkeypatch):
+    """The read floor reads the bytes of each of the pipeline's images READ_REPEATS times
+    and decodes none; the decode floor decodes each of them once, whole; each figure
+    counts the images its passes handle. Checked on what the passes yield, each pass
+    taking 2 s by a stand-in for the clock's rounds, so no timing decides it."""
+    from imagenet_jax.bench import input as bench_input
+
+    passes = {}
+
+    def two_seconds_a_pass(measurements, warmup, repeats):
+        passes.update({name: make for name, (make, _) in measurements.items()})
+        seconds = {name: [2.0] * repeats for name in measurements}
+        return seconds, {name: [1.0] * repeats for name in measurements}, [0.0] * repeats
+
+    monkeypatch.setattr(bench_input, "time_rounds", two_seconds_a_pass)
+    config = tiny_config(tiny_dataset, batch_size=16, image_size=32)
+    figures = bench_input.bench_input(config, batches=3, repeats=3)
+    images = figures["images_per_pass"]
+    assert images == 3 * 16
+    assert figures["images_per_sec"] == images / 2.0
+    assert figures["floor_decode_images_per_sec"] == images / 2.0
+    assert figures["floor_read_images_per_sec"] == bench_input.READ_REPEATS * images / 2.0
+
+    files = list((tiny_dataset / "train").rglob("*.JPEG"))
+    file_bytes = {path.stat().st_size for path in files}
+    file_shapes = {(height, width, 3) for width, height in
+                   (Image.open(path).size for path in files)}
+    read_batches = list(passes["floor_read_images_per_sec"]())
+    assert all(batch.ndim == 1 for batch in read_batches), "the read floor decoded"
+    read = [int(length) for batch in read_batches for length in batch]
+    assert len(read) == bench_input.READ_REPEATS * images
+    assert set(read) <= file_bytes, "the read floor yields each file's length in bytes"
+    assert all(count % bench_input.READ_REPEATS == 0
+               for count in collections.Counter(read).values())
+    decode_batches = list(passes["floor_decode_images_per_sec"]())
+    assert all(batch.ndim == 2 and batch.shape[1] == 3 for batch in decode_batches), (
+        "the decode floor yields no decoded shapes")
+    decoded = [tuple(int(n) for n in shape) for batch in decode_batches for shape in batch]
+    assert len(decoded) == images
+    assert set(decoded) <= file_shapes, "the decode floor yields each image's decoded shape"

@@ -1,7 +1,10 @@
 """Every config in configs/ builds, trains one step and evaluates one batch on CPU."""
 
+import ast
 import dataclasses
 import importlib.util
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -61,13 +64,87 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_every_config_documents_its_run():
-    assert len(CONFIGS) >= 15
-    for path in CONFIGS:
-        text = path.read_text()
-        for heading in ("Command:", "Hardware:", "Expected:"):
-            assert heading in text, f"{path.name} lacks {heading!r} in its docstring"
+# A docstring section: "Name:" at the start of a line, its text after it and on the indented
+# lines that follow.
+SECTION = re.compile(r"^(\w+):\s+(.*)$")
+# A line of the "Command:" section: one imagenet-jax command, perhaps with a remark after it
+# in brackets ("imagenet-jax train   (this config is the default)").
+COMMAND = re.compile(r"^imagenet-jax (?P<args>[^(]*?)\s*(\(.*\))?$")
+HARDWARE = re.compile(r"\b(GPUs?|TPUs?|CPUs?)\b")
+# A top-1 accuracy: a fraction (0.761) or a percentage (78.1%).
+ACCURACY = re.compile(r"\b(0\.\d+)\b|\b(\d{1,2}(\.\d+)?)%")
 
+
+def docstring_sections(text: str) -> dict[str, list[str]]:
+    """A docstring's sections, each as its lines, stripped."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if match := SECTION.match(line):
+            current = match[1]
+            sections[current] = [match[2].strip()]
+        elif current and line.startswith(" "):
+            sections[current].append(line.strip())
+        else:
+            current = None
+    return sections
+
+
+def assert_runs_this_config(path: Path, line: str) -> None:
+    """`line` is an imagenet-jax command whose subcommand takes each of its flags, and that
+    runs the config `path` (named by --config, or the CLI's default), which loads with its
+    --config.FIELD=VALUE overrides as the CLI loads them (config_flags, locked)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from imagenet_jax.cli import COMMAND_FLAGS, DEFAULT_CONFIG
+
+    match = COMMAND.match(line)
+    assert match, f"{path.name}: {line!r} is not an imagenet-jax command"
+    command, *args = shlex.split(match["args"])
+    assert command in COMMAND_FLAGS, f"{path.name}: {line!r}: no command {command!r}"
+    for arg in args:
+        name = arg.removeprefix("--").split("=", 1)[0]
+        assert arg.startswith("--") and (name in COMMAND_FLAGS[command] or (
+            name.startswith("config.") and "config.*" in COMMAND_FLAGS[command])), (
+            f"{path.name}: {line!r}: {command} takes no {arg!r}")
+    named = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    config_file = named[0] if named else str(DEFAULT_CONFIG.relative_to(REPO))
+    assert REPO / config_file.partition(":")[0] == path, (
+        f"{path.name}: {line!r} runs {config_file}, not this file")
+    config_args = ["imagenet-jax", f"--config={config_file}",
+                   *(arg for arg in args if arg.startswith("--config."))]
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=parsed, lock_config=True,
+                                    sys_argv=config_args)
+    try:
+        parsed(config_args)  # each --config.FIELD=VALUE: a field of the config, a valid value
+    except (flags.Error, AttributeError, KeyError) as e:
+        raise AssertionError(f"{path.name}: {line!r}: the CLI refuses it: {e!r}") from e
+
+
+def assert_documents_its_run(path: Path, docstring: str) -> None:
+    """The docstring holds the command that runs this config (the CLI accepts each of its
+    flags), the hardware it runs on and the top-1 accuracy to expect."""
+    sections = docstring_sections(docstring)
+    for heading in ("Command", "Hardware", "Expected"):
+        assert sections.get(heading), f"{path.name} lacks {heading + ':'!r} in its docstring"
+    for line in sections["Command"]:
+        assert_runs_this_config(path, line)
+    hardware = " ".join(sections["Hardware"])
+    assert HARDWARE.search(hardware), f"{path.name}: Hardware: names no GPU, TPU or CPU"
+    expected = " ".join(sections["Expected"])
+    assert "top-1" in expected and ACCURACY.search(expected), (
+        f"{path.name}: Expected: states no top-1 accuracy (0.761 or 76.1%): {expected!r}")
+    if path.stem in PARAMETERISED_CONFIGS:
+        for arch in RESNET_ARCHS:  # each architecture the argument chooses: its own figure
+            assert re.search(rf"\b{arch} 0\.\d+", expected), f"{path.name}: no top-1 for {arch}"
+
+
+def test_every_config_documents_its_run(monkeypatch):
+    assert len(CONFIGS) >= 15
+    monkeypatch.chdir(REPO)  # the documented commands run from the repository's root
+    for path in CONFIGS:
+        assert_documents_its_run(path, ast.get_docstring(ast.parse(path.read_text())) or "")
 
 
 def test_resnet_family_files_equal_the_parameterised_config():

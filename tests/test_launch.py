@@ -4,9 +4,11 @@ remote commands do on a simulated TPU VM, what a build of launch/gke/Dockerfile 
 in the image, the JobSet manifests gke.sh renders, and the variables the launchers refuse
 to run without."""
 
+import ast
 import dataclasses
 import os
 import posixpath
+import re
 import select
 import shlex
 import shutil
@@ -155,8 +157,99 @@ def _extras(pyproject: Path) -> set[str]:
 
 
 def test_every_launcher_is_checked():
-    names = {path.name for path in _launchers()}
-    assert {"local.sh", "tpu_vm.sh", "gke.sh", "slurm.sbatch"} <= names
+    """Each script under launch/ is shellchecked and run by a test (a test function that
+    starts it, itself or through the helpers and fixtures of its module), or, a helper
+    without a #! line, is sourced by a launcher that is; benchmarks/gpu.sh is run too."""
+    scripts = [path for path in sorted(LAUNCH.iterdir())
+               if path.is_file() and not path.name.startswith(".")]
+    assert {"local.sh", "tpu_vm.sh", "gke.sh", "slurm.sbatch"} <= {p.name for p in scripts}
+    unchecked = [p.name for p in scripts if p not in _launchers()]
+    assert not unchecked, f"test_shellcheck_clean checks *.sh and *.sbatch only: {unchecked}"
+    ran = _tests_running_scripts({p.name for p in _launchers()})
+    for script in _launchers():
+        if script.read_text().startswith("#!"):
+            assert ran.get(script.name), f"no test runs {script.parent.name}/{script.name}"
+            continue
+        sourced_by = [p.name for p in scripts if ran.get(p.name) and re.search(
+            rf'^source "\$\(dirname "\$0"\)/{re.escape(script.name)}"$', p.read_text(),
+            re.MULTILINE)]
+        assert sourced_by, f"launch/{script.name} has no #! and no tested launcher sources it"
+
+
+SUBPROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def _called_name(call: ast.Call) -> str | None:
+    return getattr(call.func, "id", None) or getattr(call.func, "attr", None)
+
+
+def _is_subprocess(call: ast.Call) -> bool:
+    return (isinstance(call.func, ast.Attribute) and call.func.attr in SUBPROCESS_CALLS and
+            getattr(call.func.value, "id", None) == "subprocess")
+
+
+def _constants(node: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)}
+
+
+def _tests_running_scripts(names: set[str]) -> dict[str, list[str]]:
+    """Script name -> the tests (FILE::TEST) that run it, in every test module that names
+    one: in the test itself, or in a function or fixture of its module that it calls or
+    takes (and so on). Tests marked skip do not count."""
+    ran = {}
+    for test_file in sorted((REPO / "tests").glob("test_*.py")):
+        source = test_file.read_text()
+        if not any(name in source for name in names):
+            continue
+        functions = {node.name: node for node in ast.parse(source).body
+                     if isinstance(node, ast.FunctionDef)}
+        runners = _runners(functions)
+        direct = {name: _scripts_run_in(function, runners, names)
+                  for name, function in functions.items()}
+        reaches = {name: ({node.id for node in ast.walk(function) if isinstance(node, ast.Name)}
+                          | {arg.arg for arg in function.args.args}) & functions.keys()
+                   for name, function in functions.items()}
+        for name, function in functions.items():
+            if not name.startswith("test_") or any(
+                    "skip" in ast.unparse(d) for d in function.decorator_list):
+                continue
+            reached, todo = {name}, [name]
+            while todo:
+                for other in reaches[todo.pop()] - reached:
+                    reached.add(other)
+                    todo.append(other)
+            for script in set().union(*(direct[other] for other in reached)):
+                ran.setdefault(script, []).append(f"{test_file.name}::{name}")
+    return ran
+
+
+def _scripts_run_in(function: ast.FunctionDef, runners: dict[str, set[tuple[int, str]]],
+                    names: set[str]) -> set[str]:
+    """The scripts among `names` that `function` itself runs: a subprocess call naming one,
+    or a call that puts one's name where a runner (`_runners`) takes its script."""
+    found = set()
+    for call in (node for node in ast.walk(function) if isinstance(node, ast.Call)):
+        if _is_subprocess(call):
+            found |= _constants(call) & names
+        for position, param in runners.get(_called_name(call), ()):
+            given = [*call.args[position:position + 1],
+                     *(keyword.value for keyword in call.keywords if keyword.arg == param)]
+            found |= {value for arg in given for value in _constants(arg)} & names
+    return found
+
+
+def _runners(functions: dict[str, ast.FunctionDef]) -> dict[str, set[tuple[int, str]]]:
+    """Function name -> (position, name) of each of its parameters that it hands to a
+    subprocess call: `_launch(script, ...)` runs `bash launch/SCRIPT`."""
+    runners = {}
+    for name, function in functions.items():
+        handed = {node.id for call in ast.walk(function)
+                  if isinstance(call, ast.Call) and _is_subprocess(call)
+                  for node in ast.walk(call) if isinstance(node, ast.Name)}
+        runners[name] = {(i, arg.arg) for i, arg in enumerate(function.args.args)
+                         if arg.arg in handed}
+    return runners
 
 
 def _launchers() -> list[Path]:
