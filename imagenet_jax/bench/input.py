@@ -116,7 +116,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
                                     len(reads)),
     }
     with contextlib.ExitStack() as services:
-        served, tally = service_measurements(config, source, sharding, spec, batches, services)
+        served, tally = service_measurements(config, source, batches, services)
         measurements.update({name: (make, num_images) for name, make in served.items()})
         seconds, cpu_seconds, rss_mb = time_rounds(measurements, warmup, repeats)
 
@@ -181,8 +181,7 @@ class ServiceTally:
 SERVICE_TIMEOUT_S = 600.0  # a bench measures the service: nothing made here unless it fails
 
 
-def service_measurements(config: ml_collections.ConfigDict, source: Source,
-                         sharding: order.Sharding, spec: pipeline.TrainSpec, batches: int,
+def service_measurements(config: ml_collections.ConfigDict, source: Source, batches: int,
                          services: contextlib.ExitStack
                          ) -> tuple[dict[str, Callable[[], Iterator]], ServiceTally]:
     """The passes over `config.data_service` (none without one); the services it starts
@@ -195,12 +194,8 @@ def service_measurements(config: ml_collections.ConfigDict, source: Source,
 
     def on(started: service.Service) -> Callable[[], Iterator]:
         def make() -> Iterator[dict]:
-            return tally.count(service.OrderedBatches(
-                lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
-                    source, sharding, spec, step, batches, repairs), started.target),
-                lambda step, repairs: pipeline.skipping_train_batches(
-                    source, sharding, spec, step, repairs=repairs),
-                0, batches, timeout_s=SERVICE_TIMEOUT_S, buffer_size=config.data_service_buffer))
+            return tally.count(data_input.host_train_batches(
+                source, config, 0, batches, started, timeout_s=SERVICE_TIMEOUT_S))
         return make
 
     passes = {"service_images_per_sec": on(target)}

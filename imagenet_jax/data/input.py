@@ -87,19 +87,29 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
             source, mesh, config.batch_size,
             lambda step: sizes[min(step // steps_per_epoch, len(sizes) - 1)],
             config.seed, start_step), None)
+    host = host_train_batches(source, config, start_step, stop_step, data_service)
+    return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
+
+
+def host_train_batches(source: Source, config: ml_collections.ConfigDict, start_step: int,
+                       stop_step: int, data_service: service.Service | None = None, *,
+                       timeout_s: float | None = None
+                       ) -> repair.SkippingBatches | service.OrderedBatches:
+    """This process's slices of the batches of steps [start_step, stop_step), in host
+    memory: made here, or by `data_service`'s workers within `timeout_s` (default
+    config.data_service_timeout_s)."""
     sharding, retry = process_sharding(config.batch_size), read_retry(config)
+    spec = train_spec(config)
 
     def here(step: int, repairs: repair.Repairs) -> repair.SkippingBatches:
         return pipeline.skipping_train_batches(source, sharding, spec, step, retry, repairs)
 
     if data_service is None:
-        host = here(start_step, repair.Repairs())
-    else:
-        host = _in_order(
-            lambda step, repairs: pipeline.keyed_train_dataset(source, sharding, spec, step,
-                                                               stop_step, repairs),
-            here, start_step, stop_step, config, data_service)
-    return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
+        return here(start_step, repair.Repairs())
+    return _in_order(
+        lambda step, repairs: pipeline.keyed_train_dataset(source, sharding, spec, step,
+                                                           stop_step, repairs),
+        here, start_step, stop_step, config, data_service, timeout_s)
 
 
 def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
@@ -131,12 +141,12 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
 
 def _in_order(keyed: Callable[[int, repair.Repairs], tf.data.Dataset],
               here: Callable[[int, repair.Repairs], repair.SkippingBatches], start: int,
-              stop: int, config: ml_collections.ConfigDict,
-              data_service: service.Service) -> service.OrderedBatches:
+              stop: int, config: ml_collections.ConfigDict, data_service: service.Service,
+              timeout_s: float | None = None) -> service.OrderedBatches:
     """Positions [start, stop) made by `data_service`'s workers from `keyed` (the keyed
     batches from a position on), in order, each made `here` when the service fails it."""
     return service.OrderedBatches(
         lambda position, repairs: service.distribute(keyed(position, repairs),
                                                      data_service.target),
-        here, start, stop, timeout_s=config.data_service_timeout_s,
+        here, start, stop, timeout_s=timeout_s or config.data_service_timeout_s,
         buffer_size=config.data_service_buffer)
