@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import options as ocp_options
 
 from imagenet_jax import storage
-from imagenet_jax.config import ConfigError
+from imagenet_jax.errors import ConfigError, StorageUnavailable
 
 ITEM = "default"  # the folder Orbax's manager gives the single item of each step
 # Error texts of a checkpoint whose files are damaged or missing (TensorStore's status
@@ -48,10 +48,6 @@ class CheckpointMismatch(ConfigError):
 
 class CheckpointDamaged(ConfigError):
     """A checkpoint asked for by step cannot be read: its files are damaged or missing."""
-
-
-class StorageUnavailable(RuntimeError):
-    """Checkpoints could not be read for a reason other than damage: nothing was changed."""
 
 
 class Outcome(enum.IntEnum):

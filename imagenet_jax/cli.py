@@ -195,7 +195,7 @@ def _flag_error_message(error: flags.Error) -> str:
     """One line. A ConfigError raised by a config file's get_config (a bad ARCH in
     --config=FILE:ARCH) is reported as its own message: config_flags re-raises it with the
     traceback in the text, so the first one raised is the one that reads well."""
-    from imagenet_jax.spec import ConfigError
+    from imagenet_jax.errors import ConfigError
 
     first_config_error = None
     cause = error.__context__
@@ -238,6 +238,7 @@ def _use_compilation_cache(fresh: bool = False) -> None:
 
 def _join_job() -> None:
     """jax.distributed set-up from the flags; before anything touches a device."""
+    from imagenet_jax.errors import JobUnavailable
     from imagenet_jax.parallel import distributed
 
     spec = distributed.JobSpec(
@@ -246,7 +247,7 @@ def _join_job() -> None:
         heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
     try:
         distributed.initialize(spec)
-    except distributed.DistributedError as e:
+    except JobUnavailable as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_JOB)
 
@@ -325,11 +326,10 @@ def train(argv: list[str]) -> None:
 
     _use_compilation_cache()
 
-    from imagenet_jax import models
-    from imagenet_jax.checkpoint import StorageUnavailable
-    from imagenet_jax.config import ConfigError, validate
+    from imagenet_jax import errors, models
+    from imagenet_jax.config import validate
     from imagenet_jax.console import Console
-    from imagenet_jax.train import guards
+    from imagenet_jax.errors import ConfigError, StorageUnavailable
 
     if log_file:  # every process says where its log is
         print(f"Log: {log_file} (copied into {workdir}/logs/ once the run trains; "
@@ -348,14 +348,14 @@ def train(argv: list[str]) -> None:
         result = train_and_evaluate(config, workdir, console=console)
     except ConfigError as e:
         _fail(f"config: {e}")
-    except guards.NonFiniteError as e:
+    except errors.NonFiniteError as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
         _keep_log(log_file, workdir)
-        sys.exit(guards.EXIT_NONFINITE)
-    except guards.Preempted as e:
+        sys.exit(errors.ExitStatus.NONFINITE)
+    except errors.Preempted as e:
         print(f"imagenet-jax: {e}", file=sys.stderr)
         _keep_log(log_file, workdir)
-        sys.exit(guards.EXIT_PREEMPTED)
+        sys.exit(errors.ExitStatus.PREEMPTED)
     except StorageUnavailable as e:
         print(f"imagenet-jax: error: {e}", file=sys.stderr)
         sys.exit(EXIT_STORAGE)
@@ -380,8 +380,7 @@ def evaluate(argv: list[str]) -> None:
     _use_compilation_cache()
     with _native_stderr_to(log_file):
         import tensorflow  # noqa: F401 - loaded here, its start-up lines to the log
-    from imagenet_jax.checkpoint import StorageUnavailable
-    from imagenet_jax.config import ConfigError
+    from imagenet_jax.errors import ConfigError, StorageUnavailable
     from imagenet_jax.evaluation import report
     from imagenet_jax.evaluation.run import evaluate_run
 
@@ -403,7 +402,8 @@ def import_weights(argv: list[str]) -> None:
               "[--config=FILE] [--config.FIELD=VALUE ...]")
     _join_job()
     from imagenet_jax import models
-    from imagenet_jax.config import ConfigError, base_config, set_field
+    from imagenet_jax.config import base_config, set_field
+    from imagenet_jax.errors import ConfigError
     from imagenet_jax.weights import WeightsError, import_to_workdir
 
     explicit = any(a == "--config" or a.startswith("--config=") for a in sys.argv)
@@ -431,7 +431,7 @@ def export_weights(argv: list[str]) -> None:
     if len(argv) > 1 or not (FLAGS.workdir and FLAGS.out):
         _fail("usage: imagenet-jax export --workdir=DIR --out=FILE.safetensors [--step=N]")
     _join_job()
-    from imagenet_jax.config import ConfigError
+    from imagenet_jax.errors import ConfigError
     from imagenet_jax.weights import WeightsError, export_from_workdir
 
     try:
@@ -450,7 +450,7 @@ def predict(argv: list[str]) -> None:
     import jax
 
     _use_compilation_cache()
-    from imagenet_jax.config import ConfigError
+    from imagenet_jax.errors import ConfigError
     from imagenet_jax.predict import predict_files
 
     try:
@@ -526,7 +526,7 @@ def bench(argv: list[str]) -> None:
 
     _use_compilation_cache(fresh=argv[1] == "train")
     from imagenet_jax.bench.train import bench_train, format_table
-    from imagenet_jax.config import ConfigError
+    from imagenet_jax.errors import ConfigError
 
     try:
         if argv[1] == "input":

@@ -14,7 +14,8 @@ import re
 
 import ml_collections
 
-from imagenet_jax.spec import ConfigError, parse_data_service, parse_dataset, parse_randaugment
+from imagenet_jax.errors import ConfigError
+from imagenet_jax.spec import parse_data_service, parse_dataset, parse_randaugment
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "poly", "constant")

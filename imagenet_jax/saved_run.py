@@ -21,15 +21,15 @@ from jax.sharding import Mesh
 from imagenet_jax import models, storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import (
-    ConfigError,
     Derived,
     config_from_json,
     derive,
     set_field,
     validate,
 )
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 from imagenet_jax.train.state import TrainState
 
 
@@ -39,7 +39,7 @@ class SavedRun:
     class_names: tuple[str, ...]  # the model's classes, in output order
     derived: Derived
     mesh: Mesh
-    run: recipe.Run
+    run: assemble.Run
     state: TrainState             # the checkpoint's
     step: int
 
@@ -102,7 +102,7 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
                               f"{', '.join(map(str, sorted(steps)))}")
         derived = _derive(config, saved, len(classes))
         mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-        run = recipe.build(config, derived, mesh)
+        run = assemble.build(config, derived, mesh)
         state = checkpointer.restore(step, run.state)
     finally:
         checkpointer.close()

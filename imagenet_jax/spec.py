@@ -1,13 +1,9 @@
-"""The leaf every part of imagenet_jax may import: `ConfigError`, and the grammars of
-`config.dataset` and `config.randaugment`.
+"""The grammars of `config.dataset`, `config.randaugment` and `config.data_service`.
 
-It imports nothing of imagenet_jax (so config, data and parallel never form a cycle)
-and no TensorFlow (2-3 s): checking a config reports a mistake before anything heavy
+A leaf: it imports only `errors` of imagenet_jax (so config, data and parallel never form
+a cycle) and no TensorFlow, so checking a config reports a mistake before anything heavy
 loads."""
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says what is wrong and what is valid."""
 
 
 DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "

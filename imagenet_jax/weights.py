@@ -259,10 +259,11 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     already holds checkpoints.
     """
     from imagenet_jax import checkpoint, storage
-    from imagenet_jax.config import ConfigError, derive
+    from imagenet_jax.config import derive
     from imagenet_jax.data import wordnet
+    from imagenet_jax.errors import ConfigError
     from imagenet_jax.parallel import mesh_from_shape
-    from imagenet_jax.train import loop, recipe
+    from imagenet_jax.train import assemble, loop
     from imagenet_jax.train.state import split_model
 
     workdir = storage.as_path(workdir)
@@ -280,7 +281,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     source = derived = None
     if open_dataset:
         try:
-            source, derived = recipe.plan(config)
+            source, derived = assemble.plan(config)
         except ConfigError:  # no dataset here: the classes and sizes come from the weights
             pass
     if source is not None:
@@ -295,7 +296,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
                          num_processes=jax.process_count(), platform=jax.devices()[0].platform)
     loop.check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     _, params, model_state = split_model(model)
     state = run.state.replace(
         params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, run.state.params)),

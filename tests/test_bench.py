@@ -19,8 +19,8 @@ import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
 from imagenet_jax.bench.train import bench_train, format_table
-from imagenet_jax.config import ConfigError
-from imagenet_jax.data import input as data_input
+from imagenet_jax.data import loader
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.train import loop
 
 REQUIRED_POSITIVE = ("images_per_sec", "step_time_ms", "step_time_ms_p10", "step_time_ms_p90",
@@ -171,7 +171,7 @@ INPUT_DELAY_S = 0.02  # added to each batch the pipeline hands out: a wait the b
 
 
 class SlowCountedBatches:
-    """The train loop's batches (data/input.py's `train_batches`), each handed out
+    """The train loop's batches (data/loader.py's `train_batches`), each handed out
     INPUT_DELAY_S late, with the labels of each batch handed out and whether it was closed."""
 
     def __init__(self, batches):
@@ -195,13 +195,13 @@ def test_pipeline_mode_on_one_device(tiny_dataset, monkeypatch):
     """Each step, warm-up and timed, takes a new batch of the train loop's pipeline, and
     the time spent waiting for it is what input_wait_ms reports; the pipeline is closed."""
     opened = []
-    train_batches = data_input.train_batches
+    train_batches = loader.train_batches
 
     def slow_train_batches(*args, **kwargs):
         opened.append(SlowCountedBatches(train_batches(*args, **kwargs)))
         return opened[-1]
 
-    monkeypatch.setattr(data_input, "train_batches", slow_train_batches)
+    monkeypatch.setattr(loader, "train_batches", slow_train_batches)
     config = tiny_config(tiny_dataset, image_size=32, batch_size=8)
     config.mesh.data = 1
     result = _bench(config, mode="pipeline")

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from imagenet_jax.bench.scaling import bench_scaling, format_scaling_table
-from imagenet_jax.config import ConfigError
+from imagenet_jax.errors import ConfigError
 
 POSITIVE = ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "images_per_sec",
             "compile_s", "efficiency")

@@ -1,7 +1,6 @@
 """Every config in configs/ builds, trains one step and evaluates one batch on CPU."""
 
 import ast
-import dataclasses
 import importlib.util
 import re
 import shlex
@@ -15,12 +14,12 @@ import pytest
 from conftest import REPO, subprocess_env
 
 from imagenet_jax import models
-from imagenet_jax.config import RESNET_ARCHS, ConfigError, base_config, resnet_recipe
-from imagenet_jax.data import input as data_input
-from imagenet_jax.data import order, pipeline
+from imagenet_jax.config import RESNET_ARCHS, base_config, resnet_recipe
+from imagenet_jax.data import loader, order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 from imagenet_jax.train.steps import ClassMap
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -197,14 +196,14 @@ def test_config_trains_one_step_and_evaluates(path, tiny_dataset):
     config.mesh.data = 1  # one device: the cheapest place to build the big models
     if config.model == "inception_v3":
         config.model_options.aux_logits = False  # its aux head needs 299 px (googlenet's runs)
-    source, derived = recipe.plan(config)
+    source, derived = assemble.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     initial = jax.device_get(run.state.params)
 
-    sharding = order.Sharding(4)
-    spec = data_input.train_spec(config)  # the config's crops, sizes and RandAugment
-    train_data = pipeline.train_dataset(source, sharding, **dataclasses.asdict(spec))
+    batch_slice = order.BatchSlice(4)
+    spec = loader.train_spec(config)  # the config's crops, sizes and RandAugment
+    train_data = pipeline.train_dataset(source, batch_slice, spec)
     train_batch = next(train_data.as_numpy_iterator())
     state, metrics = run.train_step(run.state, make_global_batch(train_batch, mesh))
     assert np.isfinite(float(metrics.loss.compute()))
@@ -212,7 +211,7 @@ def test_config_trains_one_step_and_evaluates(path, tiny_dataset):
     moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), initial, state.params)
     assert any(jax.tree.leaves(moved))
 
-    eval_batch = next(pipeline.eval_dataset(source, sharding, image_size=config.image_size)
+    eval_batch = next(pipeline.eval_dataset(source, batch_slice, image_size=config.image_size)
                       .as_numpy_iterator())
     result = run.eval_step(state, make_global_batch(eval_batch, mesh),
                            ClassMap.identity(derived.num_classes))

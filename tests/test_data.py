@@ -53,11 +53,11 @@ def _batches(dataset, n):
 
 def test_train_pipeline_is_a_function_of_the_step(tiny_dataset):
     source = sources.open_folder(tiny_dataset)
-    kwargs = dict(image_size=16, seed=3, crop_scale=(0.35, 1.0))
-    sharding = order.Sharding(32)
-    straight = _batches(pipeline.train_dataset(source, sharding, **kwargs), 16)
+    spec = pipeline.TrainSpec(16, seed=3, crop_scale=(0.35, 1.0))
+    batch_slice = order.BatchSlice(32)
+    straight = _batches(pipeline.train_dataset(source, batch_slice, spec), 16)
     # 400 // 32 = 12 steps per epoch: step 14 is inside the second epoch.
-    resumed = _batches(pipeline.train_dataset(source, sharding, start_step=14, **kwargs), 2)
+    resumed = _batches(pipeline.train_dataset(source, batch_slice, spec, start_step=14), 2)
     for a, b in zip(straight[14:], resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -73,9 +73,9 @@ def test_train_pipeline_is_a_function_of_the_step(tiny_dataset):
 def test_processes_split_each_global_batch(tiny_dataset):
     """Two processes' slices, concatenated, are exactly the one-process global batch."""
     source = sources.open_folder(tiny_dataset)
-    kwargs = dict(image_size=16, seed=0, crop_scale=(0.35, 1.0))
-    whole = _batches(pipeline.train_dataset(source, order.Sharding(32), **kwargs), 3)
-    parts = [_batches(pipeline.train_dataset(source, order.Sharding(32, p, 2), **kwargs), 3)
+    spec = pipeline.TrainSpec(16, seed=0, crop_scale=(0.35, 1.0))
+    whole = _batches(pipeline.train_dataset(source, order.BatchSlice(32), spec), 3)
+    parts = [_batches(pipeline.train_dataset(source, order.BatchSlice(32, p, 2), spec), 3)
              for p in range(2)]
     for step in range(3):
         joined = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
@@ -89,7 +89,7 @@ def test_eval_counts_every_example_once(tiny_dataset, processes):
     seen_labels = []
     num_batches = []
     for p in range(processes):
-        ds = pipeline.eval_dataset(source, order.Sharding(batch, p, processes), image_size=16)
+        ds = pipeline.eval_dataset(source, order.BatchSlice(batch, p, processes), image_size=16)
         batches = list(ds.as_numpy_iterator())
         num_batches.append(len(batches))
         seen_labels.append(np.concatenate([b["label"][b["mask"]] for b in batches]))
@@ -100,7 +100,7 @@ def test_eval_counts_every_example_once(tiny_dataset, processes):
 
 def test_sharding_rejects_uneven_process_split():
     with pytest.raises(ValueError, match="not divisible by the number of processes"):
-        order.Sharding(10, 0, 3)
+        order.BatchSlice(10, 0, 3)
 
 
 def test_unknown_dataset_names_valid_forms():
@@ -167,22 +167,21 @@ def test_unreadable_images_are_masked_not_dropped(bad_dataset):
     bad = {i for i, f in enumerate(source.files["train"]) if f in
            {paths[k] for k in UNREADABLE}}
     assert len(bad) == 3
-    sharding, spec = order.Sharding(32), pipeline.TrainSpec(16, seed=1, crop_scale=(0.35, 1))
+    batch_slice, spec = order.BatchSlice(32), pipeline.TrainSpec(16, seed=1, crop_scale=(0.35, 1))
     steps = 2 * order.steps_per_epoch(source, 32)  # two epochs: every bad file is met
-    skipping = pipeline.skipping_train_batches(source, sharding, spec)
+    skipping = pipeline.skipping_train_batches(source, batch_slice, spec)
     got = [next(skipping) for _ in range(steps)]
     png = source.files["train"].tolist().index(paths["png"])
     repairs = repair.Repairs({png: _jpeg_of(paths["png"])}, frozenset(bad),
                                labels={png: int(source.labels["train"][png])})
-    told = pipeline.train_dataset(source, sharding, image_size=16, seed=1, crop_scale=(0.35, 1),
-                                  repairs=repairs).as_numpy_iterator()
+    told = pipeline.train_dataset(source, batch_slice, spec, repairs=repairs).as_numpy_iterator()
     skipped = 0
     for batch, expected in zip(got, told, strict=False):
         assert batch["image"].shape == (32, 16, 16, 3)
         for key in ("image", "label", "flip", "mask"):
             np.testing.assert_array_equal(batch[key], expected[key])
         skipped += int((~batch["mask"]).sum())
-    examples = order.train_examples(source, sharding, seed=1).take(steps * 32)
+    examples = order.train_examples(source, batch_slice, seed=1).take(steps * 32)
     visits = sum(int(i) in bad for _, i in examples.as_numpy_iterator())
     assert skipped == visits > 0
     assert skipping.repairs.converted.keys() == {png}  # the PNG named .JPEG, read as JPEG
@@ -195,7 +194,7 @@ def test_unreadable_images_are_masked_not_dropped(bad_dataset):
 def test_unreadable_eval_image_is_not_counted(bad_dataset):
     root, paths = bad_dataset
     source = sources.open_folder(root)
-    batches = pipeline.skipping_eval_batches(source, order.Sharding(16), image_size=16)
+    batches = pipeline.skipping_eval_batches(source, order.BatchSlice(16), image_size=16)
     counted = sum(int(b["mask"].sum()) for b in batches)
     assert counted == source.num_examples("val") - 1
     assert [paths["val_truncated"] in w for w in batches.take_report().values()] == [True]
@@ -248,10 +247,10 @@ def test_a_file_that_vanished_after_listing_is_skipped(tiny_dataset, tmp_path):
     source = sources.open_folder(root)
     gone = source.files["train"][5]
     Path(gone).unlink()
-    sharding, spec = order.Sharding(32), pipeline.TrainSpec(16, seed=0, crop_scale=(0.35, 1))
-    batches = pipeline.skipping_train_batches(source, sharding, spec)
+    batch_slice, spec = order.BatchSlice(32), pipeline.TrainSpec(16, seed=0, crop_scale=(0.35, 1))
+    batches = pipeline.skipping_train_batches(source, batch_slice, spec)
     masks = [next(batches)["mask"] for _ in range(order.steps_per_epoch(source, 32))]
-    visits = sum(int(i) == 5 for _, i in order.train_examples(source, sharding, 0)
+    visits = sum(int(i) == 5 for _, i in order.train_examples(source, batch_slice, 0)
                  .take(len(masks) * 32).as_numpy_iterator())
     assert sum(int((~m).sum()) for m in masks) == visits
     report = batches.take_report()
@@ -269,7 +268,7 @@ def test_a_batch_of_nothing_but_pngs_named_jpeg_trains(tmp_path):
                 pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.JPEG", "PNG")
     source = sources.open_folder(tmp_path)
-    batches = pipeline.skipping_train_batches(source, order.Sharding(8),
+    batches = pipeline.skipping_train_batches(source, order.BatchSlice(8),
                                               pipeline.TrainSpec(16, seed=0))
     batch = next(batches)
     assert batch["mask"].all() and len(batches.repairs.converted) == 8
@@ -317,7 +316,7 @@ def test_a_read_that_fails_for_a_while_is_retried_before_the_image_is_skipped(
                              for f in dataclasses.fields(sources.FolderSource)},
                           flaky=eval_files[5], failures=3)
     batches = pipeline.skipping_eval_batches(
-        source, order.Sharding(16), image_size=16,
+        source, order.BatchSlice(16), image_size=16,
         retry=repair.ReadRetry(attempts=attempts, delay_s=0.01))
     masks = np.concatenate([batch["mask"] for batch in batches])
     assert masks.sum() == 70 - skipped, (len(source.attempts), batches.take_report())

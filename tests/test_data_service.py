@@ -1,7 +1,6 @@
 """Input on tf.data service: real dispatchers and workers on 127.0.0.1, the same batches
 as the in-process pipeline, whatever the service delivers, loses or repeats."""
 
-import dataclasses
 import os
 import shutil
 import socket
@@ -16,11 +15,11 @@ from chaos import RunWatcher, chaos, command, final_params, trees_equal
 from conftest import REPO, resumable_flags, subprocess_env
 
 from imagenet_jax.data import demo, order, pipeline, repair, service, sources
-from imagenet_jax.metrics import read_records
+from imagenet_jax.metric_writers import read_records
 from imagenet_jax.spec import parse_data_service
 
 SPEC = pipeline.TrainSpec(16, seed=3, crop_scale=(0.35, 1.0), image_sizes=(12, 16))
-SHARDING = order.Sharding(32, process_index=1, process_count=2)  # one process's slice
+BATCH_SLICE = order.BatchSlice(32, process_index=1, process_count=2)  # one process's slice
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +30,17 @@ def local_service():
 
 def _ordered_train(source, target, start, stop, *, timeout_s=120.0, spec=SPEC):
     def here(step, repairs):
-        return pipeline.skipping_train_batches(source, SHARDING, spec, step, repairs=repairs)
+        return pipeline.skipping_train_batches(source, BATCH_SLICE, spec, step, repairs=repairs)
 
     return service.OrderedBatches(
         lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
-            source, SHARDING, spec, step, stop, repairs), target),
+            source, BATCH_SLICE, spec, step, stop, repairs), target),
         # A buffer for every position: no position is made here for being overtaken.
         here, start, stop, timeout_s=timeout_s, buffer_size=stop - start)
 
 
 def _in_process(source, start, spec=SPEC, repairs=repair.Repairs()):
-    return pipeline.train_dataset(source, SHARDING, **dataclasses.asdict(spec), start_step=start,
-                                  repairs=repairs).as_numpy_iterator()
+    return pipeline.train_dataset(source, BATCH_SLICE, spec, start, repairs).as_numpy_iterator()
 
 
 def _assert_batches_equal(got, expected):
@@ -66,21 +64,21 @@ def test_service_batches_equal_the_in_process_pipeline(tiny_dataset, local_servi
 
 def test_eval_batches_on_the_service_equal_the_in_process_ones(tiny_dataset, local_service):
     source = sources.open_folder(tiny_dataset)
-    sharding = order.Sharding(16, process_index=0, process_count=2)
+    batch_slice = order.BatchSlice(16, process_index=0, process_count=2)
     num_batches = order.num_eval_batches(source, "val", 16)  # 70 examples: 5, the last padded
 
     def here(batch, repairs):
-        return pipeline.skipping_eval_batches(source, sharding, image_size=16,
+        return pipeline.skipping_eval_batches(source, batch_slice, image_size=16,
                                               start_batch=batch, repairs=repairs)
 
     batches = service.OrderedBatches(
         lambda batch, repairs: service.distribute(pipeline.keyed_eval_dataset(
-            source, sharding, split="val", image_size=16, crop_ratio=0.875, start_batch=batch,
+            source, batch_slice, split="val", image_size=16, crop_ratio=0.875, start_batch=batch,
             stop_batch=num_batches, repairs=repairs), local_service.target),
         here, 0, num_batches, timeout_s=120, buffer_size=num_batches)
     got = list(batches)
     assert len(got) == num_batches == 5 and batches.counts.served == 5
-    _assert_batches_equal(got, pipeline.eval_dataset(source, sharding,
+    _assert_batches_equal(got, pipeline.eval_dataset(source, batch_slice,
                                                      image_size=16).as_numpy_iterator())
 
 
@@ -189,10 +187,10 @@ def test_unreadable_images_on_the_service_are_repaired_and_reported(bad_folder, 
     """The workers' stream fails on the batch holding a bad file; that batch is made here,
     which repairs it and names the file; the new stream carries the repairs."""
     source = sources.open_folder(bad_folder)
-    steps = 2 * order.steps_per_epoch(source, SHARDING.global_batch_size)
+    steps = 2 * order.steps_per_epoch(source, BATCH_SLICE.global_batch_size)
     batches = _ordered_train(source, local_service.target, 0, steps)
     got = list(batches)
-    reference = pipeline.skipping_train_batches(source, SHARDING, SPEC)
+    reference = pipeline.skipping_train_batches(source, BATCH_SLICE, SPEC)
     _assert_batches_equal(got, (next(reference) for _ in range(steps)))
     report = batches.take_report()
     assert [where.split(" (")[0] for where in report.values()] == [

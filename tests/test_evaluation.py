@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
-from imagenet_jax.config import ConfigError
 from imagenet_jax.data import wordnet
-from imagenet_jax.evaluation import metrics
+from imagenet_jax.errors import ConfigError
+from imagenet_jax.evaluation import scores
 from imagenet_jax.evaluation.run import evaluate_run
 from imagenet_jax.train import loop
 from imagenet_jax.train.steps import ClassMap, score_logits
@@ -30,16 +30,16 @@ NUM_VAL = 12  # the first 12 validation images of ImageNet: 12 different classes
 def test_ece_is_the_weighted_gap_between_accuracy_and_confidence_per_bin():
     confidence = np.array([0.95, 0.95, 0.55, 0.30, 0.0])
     correct = np.array([1, 0, 1, 0, 0], bool)
-    ece, bins = metrics.expected_calibration_error(confidence, correct)
+    ece, bins = scores.expected_calibration_error(confidence, correct)
     # Bins of width 1/15: 0.95 -> bin 14, 0.55 -> 8, 0.30 -> 4, 0.0 -> 0.
     expected = (2 * abs(0.5 - 0.95) + abs(1 - 0.55) + abs(0 - 0.30) + abs(0 - 0.0)) / 5
     assert ece == pytest.approx(expected, abs=1e-12)
     assert bins.counts.tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 2]
     assert bins.accuracy[14] == 0.5 and bins.confidence[14] == pytest.approx(0.95)
     assert np.isnan(bins.accuracy[1])
-    perfect, _ = metrics.expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1], bool))
+    perfect, _ = scores.expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1], bool))
     assert perfect == 0.0
-    broken, bins = metrics.expected_calibration_error(np.array([np.nan, 0.5]),
+    broken, bins = scores.expected_calibration_error(np.array([np.nan, 0.5]),
                                                       np.array([0, 1], bool))
     assert np.isnan(broken) and bins.counts.sum() == 1
 
@@ -72,10 +72,10 @@ def test_score_logits_nll_confidence_and_top_classes_with_a_restriction():
 def test_real_accuracy_scores_against_label_sets_and_skips_empty_ones():
     top = np.array([[3, 1], [2, 0], [5, 4], [1, 2]])
     real = [(3,), (0, 7), (), (2, 1)]
-    correct1, scored = metrics.real_correct(top, real, 1)
+    correct1, scored = scores.real_correct(top, real, 1)
     assert scored.tolist() == [True, True, False, True]
     assert correct1.tolist() == [True, False, False, True]
-    correct2, _ = metrics.real_correct(top, real, 2)
+    correct2, _ = scores.real_correct(top, real, 2)
     assert correct2.tolist() == [True, True, False, True]
 
 
@@ -101,14 +101,14 @@ def test_mistake_severity_and_hierarchical_distance():
     heights = np.array([[0, 1, 4], [1, 0, 4], [4, 4, 0]])
     top = np.array([[0, 1], [1, 2], [2, 0], [2, 1]])
     labels = np.array([0, 0, 1, 1])
-    severity = metrics.mistake_severity(top, labels, heights, k=2)
+    severity = scores.mistake_severity(top, labels, heights, k=2)
     assert severity["mean"] == pytest.approx((1 + 4 + 4) / 3)  # mistakes: rows 1, 2, 3
     assert severity["histogram"] == {1: 1, 4: 2}
     # Top-2 heights per row: (0, 1), (1, 4), (4, 1), (4, 0).
     assert severity["hierarchical_distance_at_2"] == pytest.approx((1 + 5 + 5 + 4) / 8)
     # A missing prediction (-1) is in neither: row 1 has one class, row 2 none (a NaN row).
     top = np.array([[0, 1], [2, -1], [-1, -1]])
-    severity = metrics.mistake_severity(top, np.array([0, 0, 1]), heights, k=2)
+    severity = scores.mistake_severity(top, np.array([0, 0, 1]), heights, k=2)
     assert severity["mean"] == 4.0 and severity["histogram"] == {4: 1}
     assert severity["hierarchical_distance_at_2"] == pytest.approx((0.5 + 4) / 2)
 
@@ -214,18 +214,18 @@ def test_imagenet_v2_and_real_sets(imagenet_like):
     assert real_file["original_top1"] == pytest.approx(val["top1"])
 
     # ReaL top-1 by hand from the predictions of the folder's images.
-    from imagenet_jax.data import input as data_input
+    from imagenet_jax.data import loader
     from imagenet_jax.evaluation import sets
-    from imagenet_jax.evaluation.predictions import predict
+    from imagenet_jax.evaluation.predictions import collect_predictions
     from imagenet_jax.saved_run import load_saved_run
 
     restored = load_saved_run(workdir, step=result["step"])
     eval_set = sets.open_set(folder, model_classes=restored.class_names, run_dataset=folder,
                              data_dir=None)
     source = eval_set.source
-    predictions = predict(restored.run.eval_step, restored.state,
-                          data_input.eval_batches(source, restored.config, restored.mesh),
-                          eval_set.class_map)
+    predictions = collect_predictions(
+        restored.run.eval_step, restored.state,
+        loader.eval_batches(source, restored.config, restored.mesh), eval_set.class_map)
     model_classes = restored.class_names
     imagenet = fake_imagenet.imagenet_classes()
     hits = scored = 0

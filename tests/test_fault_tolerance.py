@@ -23,10 +23,10 @@ from conftest import resumable_config, resumable_flags, subprocess_env, tiny_con
 
 from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
-from imagenet_jax.config import ConfigError
-from imagenet_jax.metrics import read_records
+from imagenet_jax.errors import ConfigError
+from imagenet_jax.metric_writers import read_records
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import loop, recipe
+from imagenet_jax.train import assemble, loop
 
 TOTAL_STEPS = 6 * (400 // 32)  # num_epochs=6 over the tiny dataset's 400 images
 
@@ -179,9 +179,9 @@ def test_checkpoint_from_4_devices_restores_on_8_2_and_1_and_into_fsdp_with_the_
     for data, fsdp in ((8, 1), (2, 1), (1, 1), (2, 4)):
         config = resumable_config(tiny_dataset, fsdp_min_size=1024)
         config.mesh.data, config.mesh.fsdp = data, fsdp
-        source, derived = recipe.plan(config)
+        source, derived = assemble.plan(config)
         mesh = mesh_from_shape(derived.mesh_shape)
-        run = recipe.build(config, derived, mesh)
+        run = assemble.build(config, derived, mesh)
         checkpointer = Checkpointer(uninterrupted / "checkpoints", every_steps=1, keep=3)
         state = checkpointer.restore_latest(run.state)
         checkpointer.close()

@@ -8,8 +8,8 @@ import pytest
 from matplotlib import colors, image
 from matplotlib.figure import Figure
 
-from imagenet_jax import metrics
-from imagenet_jax.metrics import MetricsLogger, read_records
+from imagenet_jax import metric_writers
+from imagenet_jax.metric_writers import MetricsLogger, read_records
 from imagenet_jax.plot import plot_runs, run_names
 
 # Each panel's title: (the metric drawn, against what).
@@ -92,8 +92,8 @@ def test_plot_overlays_runs_and_names_them(tmp_path, monkeypatch):
 
 
 def test_records_carry_the_time_the_run_has_been_running(tmp_path, monkeypatch):
-    clock = [100.0]  # time.monotonic() as metrics.py reads it, moved on by the test
-    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    clock = [100.0]  # time.monotonic() as metric_writers.py reads it, moved on by the test
+    monkeypatch.setattr(metric_writers, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     logger = MetricsLogger(tmp_path, resume_step=0)
     clock[0] = 102.5
     logger.log(1, "train", {"loss": 1.0})

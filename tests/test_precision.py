@@ -17,7 +17,7 @@ from conftest import tiny_config
 from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 from imagenet_jax.train.loss_scale import GROWTH_PERIOD, INITIAL_SCALE, LossScale
 
 NUM_STEPS = 3
@@ -42,18 +42,18 @@ def _config(dataset_root, dtype):
 
 
 def _first_batches(config, num_batches):
-    source, _ = recipe.plan(config)
+    source, _ = assemble.plan(config)
+    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale))
     batches = pipeline.train_dataset(
-        source, order.Sharding(config.batch_size), image_size=config.image_size,
-        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+        source, order.BatchSlice(config.batch_size), spec).as_numpy_iterator()
     return [next(batches) for _ in range(num_batches)]
 
 
 def _train(config, batches, initial_scale=None):
     """(per-step losses, final state on the host, the step's StableHLO text, metrics)."""
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     global_batches = [make_global_batch(batch, mesh) for batch in batches]
     hlo = run.train_step.lower(run.state, global_batches[0]).as_text()
     state, losses, all_metrics = run.state, [], []
@@ -125,7 +125,7 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(tiny_dataset):
     scale, which halves; none counts as a non-finite step (that would stop the run)."""
     config = _config(tiny_dataset, "float16")
     batches = _first_batches(config, 2)
-    initial = jax.device_get(recipe.build(config, recipe.plan(config)[1],
+    initial = jax.device_get(assemble.build(config, assemble.plan(config)[1],
                                         mesh_from_shape({"data": 1})).state)
     _, state, _, metrics = _train(config, batches, initial_scale=2.0**60)
     assert float(state.loss_scale.scale) == 2.0**58
@@ -155,9 +155,9 @@ def test_the_rate_applied_after_a_skipped_step_is_the_schedules_at_that_step(tin
     lags behind (the warmup changes the rate at every step here)."""
     config = _config(tiny_dataset, "float16")
     batches = _first_batches(config, 3)
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     batches = [make_global_batch(batch, mesh) for batch in batches]
     state = run.state.replace(loss_scale=run.state.loss_scale.replace(
         scale=jnp.asarray(2.0**60, jnp.float32)))

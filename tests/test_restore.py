@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, resumable_flags, subprocess_env
 
-from imagenet_jax import checkpoint
+from imagenet_jax import checkpoint, errors
 from imagenet_jax.checkpoint import Checkpointer
 
 
@@ -134,7 +134,7 @@ def test_only_damage_moves_a_checkpoint_aside(tmp_path, damaged):
         held = tmp_path / "_METADATA.held"
         metadata.rename(held)
         metadata.mkdir()
-        with pytest.raises(checkpoint.StorageUnavailable, match="nothing was changed"):
+        with pytest.raises(errors.StorageUnavailable, match="nothing was changed"):
             checkpointer.restore_latest(_template())
         assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "_METADATA.held"]
         metadata.rmdir()

@@ -19,11 +19,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from imagenet_jax.bench import hlo
 from imagenet_jax.bench.train import synthetic_batches
-from imagenet_jax.config import ConfigError, base_config, mesh_shape, validate
+from imagenet_jax.config import base_config, mesh_shape, validate
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.models.layers import BatchNorm, batchnorm_groups, set_batchnorm_groups
 from imagenet_jax.parallel import batch_sharding, mesh_from_shape, replicated
 from imagenet_jax.parallel.sharding import ShardingRules, param_shardings
-from imagenet_jax.train import recipe, steps
+from imagenet_jax.train import assemble, steps
 
 FSDP_MIN_SIZE = 1024  # resnet_tiny's 3x3 convs (2,304+ elements) shard; BN and biases do not
 
@@ -40,9 +41,9 @@ def _config(dataset, data, fsdp, **overrides):
 
 
 def _build(config):
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     batch = next(synthetic_batches(config, derived, mesh))
     return run, batch, mesh
 

@@ -18,9 +18,9 @@ from conftest import REPO, subprocess_env, tiny_config
 from gcs_emulator import BUCKET
 
 from imagenet_jax import storage
-from imagenet_jax.config import ConfigError
 from imagenet_jax.data import sources
-from imagenet_jax.metrics import MetricsLogger, read_records
+from imagenet_jax.errors import ConfigError
+from imagenet_jax.metric_writers import MetricsLogger, read_records
 from imagenet_jax.train import loop
 
 

@@ -202,13 +202,13 @@ def test_batched_read_equals_one_at_a_time(source, read_processes):
                 raise AttributeError(name)
             return getattr(source, name)
 
-    kwargs = dict(image_size=16, seed=0)
-    batched = pipeline.train_dataset(source, order.Sharding(8), **kwargs).take(4)
-    single = pipeline.train_dataset(OneAtATime(), order.Sharding(8), **kwargs).take(4)
+    spec = pipeline.TrainSpec(16, seed=0)
+    batched = pipeline.train_dataset(source, order.BatchSlice(8), spec).take(4)
+    single = pipeline.train_dataset(OneAtATime(), order.BatchSlice(8), spec).take(4)
     for a, b in zip(batched.as_numpy_iterator(), single.as_numpy_iterator(), strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    evals = [list(pipeline.eval_dataset(s, order.Sharding(8), image_size=16)
+    evals = [list(pipeline.eval_dataset(s, order.BatchSlice(8), image_size=16)
                   .as_numpy_iterator()) for s in (source, OneAtATime())]
     for a, b in zip(*evals, strict=True):
         for key in a:
@@ -220,17 +220,17 @@ def test_tfds_batches_on_the_data_service_equal_the_in_process_ones(source):
     processes run too: their batches are bitwise the in-process pipeline's."""
     from imagenet_jax.data import repair, service
 
-    sharding = order.Sharding(8, process_index=1, process_count=2)
+    batch_slice = order.BatchSlice(8, process_index=1, process_count=2)
     spec = pipeline.TrainSpec(16, seed=5, crop_scale=(0.35, 1.0))
     steps = 2 * order.steps_per_epoch(source, 8)
 
     def here(step, repairs):
-        return pipeline.skipping_train_batches(source, sharding, spec, step, repairs=repairs)
+        return pipeline.skipping_train_batches(source, batch_slice, spec, step, repairs=repairs)
 
     with service.start_local(2) as started:
         batches = service.OrderedBatches(
             lambda step, repairs: service.distribute(pipeline.keyed_train_dataset(
-                source, sharding, spec, step, steps, repairs), started.target),
+                source, batch_slice, spec, step, steps, repairs), started.target),
             here, 0, steps, timeout_s=120, buffer_size=steps)
         got = list(batches)
     reference = here(0, repair.Repairs())

@@ -9,15 +9,15 @@ from flax import nnx
 from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
 from imagenet_jax.parallel import make_mesh
-from imagenet_jax.train import loop, optim, recipe, steps
+from imagenet_jax.train import assemble, loop, optim, steps
 
 
 def _train(config, mesh, num_steps):
-    source, derived = recipe.plan(config)
-    run = recipe.build(config, derived, mesh)
+    source, derived = assemble.plan(config)
+    run = assemble.build(config, derived, mesh)
+    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale))
     batches = pipeline.train_dataset(
-        source, order.Sharding(config.batch_size), image_size=config.image_size,
-        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+        source, order.BatchSlice(config.batch_size), spec).as_numpy_iterator()
     state, losses = run.state, []
     for _ in range(num_steps):
         state, metrics = run.train_step(state, make_global_batch(next(batches), mesh))
@@ -51,12 +51,12 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
     assert jax.device_count() == 8
     config = tiny_config(tiny_dataset, batch_size=32, batchnorm_group_examples=group_examples)
     one, eight = make_mesh(jax.devices()[:1]), make_mesh(jax.devices())
-    source, derived = recipe.plan(config)
-    run_1, run_8 = recipe.build(config, derived, one), recipe.build(config, derived, eight)
+    source, derived = assemble.plan(config)
+    run_1, run_8 = assemble.build(config, derived, one), assemble.build(config, derived, eight)
     shardings_8 = jax.tree.map(lambda x: x.sharding, run_8.state)
+    spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale))
     batches = pipeline.train_dataset(
-        source, order.Sharding(config.batch_size), image_size=config.image_size,
-        seed=config.seed, crop_scale=tuple(config.crop_scale)).as_numpy_iterator()
+        source, order.BatchSlice(config.batch_size), spec).as_numpy_iterator()
     state = run_1.state
     for _ in range(3):
         batch = next(batches)
@@ -77,16 +77,16 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
     config = tiny_config(tiny_dataset, eval_batch_size=16)  # 70 = 4 * 16 + 6
-    source, derived = recipe.plan(config)
+    source, derived = assemble.plan(config)
     mesh = make_mesh()
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     state, _ = _train(config, mesh, 4)  # a model whose predictions are not all alike
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, run.state))
     result = loop.run_eval(run.eval_step, state, source=source, config=config, mesh=mesh)
     assert result["num_examples"] == 70
 
     # Reference: every validation image at once, one device, no padding.
-    whole = order.Sharding(80)
+    whole = order.BatchSlice(80)
     images = next(pipeline.eval_dataset(source, whole, image_size=16).as_numpy_iterator())
     model = nnx.merge(run.graphdef, jax.device_get(state.params),
                       jax.device_get(state.model_state))
@@ -102,7 +102,7 @@ def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
 def test_learning_rate_warmup_then_cosine(tiny_dataset):
     config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=1.0,
                          num_epochs=4.0)
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     assert derived.steps_per_epoch == 6 and derived.num_train_steps == 24
     assert derived.peak_learning_rate == pytest.approx(0.1 * 64 / 256)
     lr = optim.create_learning_rate_fn(config, derived)
@@ -118,7 +118,7 @@ def test_learning_rate_warmup_then_cosine(tiny_dataset):
 def test_step_schedule_divides_at_the_given_epochs(tiny_dataset):
     config = tiny_config(tiny_dataset, batch_size=64, learning_rate=0.1, warmup_epochs=0.0,
                          num_epochs=4.0, lr_schedule="step", lr_decay_epochs=(2, 3))
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     lr = optim.create_learning_rate_fn(config, derived)
     peak = derived.peak_learning_rate
     assert [float(lr(s)) for s in (0, 11, 12, 18)] == pytest.approx(

@@ -149,7 +149,7 @@ def test_import_writes_a_step_0_run_that_exports_the_same_file(tmp_path):
 def test_import_refuses_weights_of_another_class_count_than_the_dataset(tiny_dataset, tmp_path):
     from conftest import tiny_config
 
-    from imagenet_jax.config import ConfigError
+    from imagenet_jax.errors import ConfigError
     from imagenet_jax.weights import import_to_workdir
 
     path = seeded_file("resnet18", tmp_path)  # 16 classes; the tiny dataset has 10

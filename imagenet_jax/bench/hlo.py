@@ -76,14 +76,14 @@ def _bits(dtype: str) -> int:
 
 def compiled_train_step(config: ml_collections.ConfigDict) -> tuple[str, int]:
     """The HLO text of `config`'s compiled train step, on a synthetic batch, and the bytes
-    of its parameters: built exactly as a run builds it (`recipe.plan`, `recipe.build`)."""
+    of its parameters: built exactly as a run builds it (`assemble.plan`, `assemble.build`)."""
     from imagenet_jax.bench.train import synthetic_batches
     from imagenet_jax.parallel import mesh_from_shape
-    from imagenet_jax.train import recipe
+    from imagenet_jax.train import assemble
 
-    _, derived = recipe.plan(config)
+    _, derived = assemble.plan(config)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     batch = next(synthetic_batches(config, derived, mesh))
     param_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(run.state.params))
     return run.train_step.lower(run.state, batch).compile().as_text(), param_bytes

@@ -55,14 +55,13 @@ import numpy as np
 import tensorflow as tf
 
 from imagenet_jax.bench.host import process_peak_rss_mb
-from imagenet_jax.config import ConfigError
-from imagenet_jax.data import input as data_input
-from imagenet_jax.data import order, pipeline, service, synthetic
+from imagenet_jax.data import loader, order, pipeline, service, synthetic
 from imagenet_jax.data.feeding import make_global_batch, prefetch_to_device
 from imagenet_jax.data.sources import Source
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.spec import parse_data_service, parse_dataset
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 
 FLOOR_BATCH = 256
 READ_REPEATS = 8
@@ -74,15 +73,15 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     if batches < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"bench input needs batches >= 1, repeats >= 1, warmup >= 0; got "
                           f"{batches}, {repeats}, {warmup}")
-    source, derived = recipe.plan(config)
+    source, derived = assemble.plan(config)
     if isinstance(source, synthetic.SyntheticSource):
         raise ConfigError("dataset 'synthetic' has no input pipeline to measure: it is made "
                           "on the devices; choose a folder:, tfds: or demo dataset")
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-    sharding = data_input.process_sharding(config.batch_size)
-    spec = data_input.train_spec(config)
-    examples = order.train_examples(source, sharding, config.seed)
-    indices = np.array([i for _, i in examples.take(batches * sharding.local_batch_size)
+    batch_slice = loader.process_batch_slice(config.batch_size)
+    spec = loader.train_spec(config)
+    examples = order.train_examples(source, batch_slice, config.seed)
+    indices = np.array([i for _, i in examples.take(batches * batch_slice.local_batch_size)
                         .as_numpy_iterator()])
     num_images = len(indices)
     # Reads are ~10x cheaper than decodes: the read passes go over the examples
@@ -90,7 +89,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     reads = np.tile(indices, READ_REPEATS)
 
     def train_host() -> Iterator[dict]:
-        ds = pipeline.train_dataset(source, sharding, **dataclasses.asdict(spec))
+        ds = pipeline.train_dataset(source, batch_slice, spec)
         return ds.take(batches).as_numpy_iterator()
 
     def train_device() -> Iterator[dict]:
@@ -98,15 +97,15 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
                                   functools.partial(make_global_batch, mesh=mesh))
 
     def eval_host() -> Iterator[dict]:  # eval preprocessing, on training files: same count
-        ds = pipeline.eval_dataset(source, sharding, split="train", image_size=config.image_size,
+        ds = pipeline.eval_dataset(source, batch_slice, split="train", image_size=config.image_size,
                                    crop_ratio=config.eval_crop_ratio)
         return ds.take(batches).as_numpy_iterator()
 
     measurements: dict[str, tuple[Callable[[], Iterator], int]] = {
         "images_per_sec": (train_host, num_images),
         "device_images_per_sec": (train_device, num_images),
-        "eval_images_per_sec": (eval_host, sharding.local_batch_size * min(
-            batches, order.num_eval_batches(source, "train", sharding.global_batch_size))),
+        "eval_images_per_sec": (eval_host, batch_slice.local_batch_size * min(
+            batches, order.num_eval_batches(source, "train", batch_slice.global_batch_size))),
         "floor_read_images_per_sec": (functools.partial(floor_dataset, source, reads,
                                                         read_only=True), len(reads)),
         "floor_decode_images_per_sec": (functools.partial(floor_dataset, source, indices,
@@ -120,7 +119,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
         measurements.update({name: (make, num_images) for name, make in served.items()})
         seconds, cpu_seconds, rss_mb = time_rounds(measurements, warmup, repeats)
 
-    result = describe(config, source, sharding, indices, batches, repeats, warmup)
+    result = describe(config, source, batch_slice, indices, batches, repeats, warmup)
     for name, (_, count) in measurements.items():
         result[name] = count / float(np.median(seconds[name]))
     result["client_cpu_ms_per_image"] = 1e3 * float(np.median(cpu_seconds["images_per_sec"])
@@ -194,7 +193,7 @@ def service_measurements(config: ml_collections.ConfigDict, source: Source, batc
 
     def on(started: service.Service) -> Callable[[], Iterator]:
         def make() -> Iterator[dict]:
-            return tally.count(data_input.host_train_batches(
+            return tally.count(loader.host_train_batches(
                 source, config, 0, batches, started, timeout_s=SERVICE_TIMEOUT_S))
         return make
 
@@ -286,15 +285,15 @@ def time_pass(make: Callable[[], Iterator], *, block: bool,
     return end - start
 
 
-def describe(config: ml_collections.ConfigDict, source: Source, sharding: order.Sharding,
+def describe(config: ml_collections.ConfigDict, source: Source, batch_slice: order.BatchSlice,
              indices: np.ndarray, batches: int, repeats: int, warmup: int) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
         "source": parse_dataset(config.dataset)[0],  # what was read: folder, tfds or demo
         "read_processes": getattr(source, "read_processes", 0),  # TFDS's reader processes
         "image_size": config.image_size,
-        "global_batch_size": sharding.global_batch_size,
-        "processes": sharding.process_count,
+        "global_batch_size": batch_slice.global_batch_size,
+        "processes": batch_slice.process_count,
         "images_per_pass": len(indices),
         "distinct_images": len(np.unique(indices)),
         "mean_file_kb": mean_file_kb(source, indices[:200]),

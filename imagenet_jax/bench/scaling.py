@@ -4,7 +4,7 @@ Weak scaling, data parallel: `config.batch_size` is the global batch at the LARG
 count, and every count runs the same per-device batch, `batch_size / max(counts)`; n
 devices then train on a global batch of n times that. The mesh is `data` = n, `fsdp` = 1,
 on the first n devices of this one process. Each count is built and timed as `bench
-train` does it (`recipe.plan`, `recipe.build`, one synthetic batch placed on the devices,
+train` does it (`assemble.plan`, `assemble.build`, one synthetic batch placed on the devices,
 the step compiled ahead of time, the median of the timed steps).
 
 Efficiency is images/s(n) / (n / n0 x images/s(n0)), n0 the smallest count (normally 1):
@@ -29,9 +29,9 @@ from imagenet_jax.bench.train import (
     synthetic_batches,
     time_steps,
 )
-from imagenet_jax.config import ConfigError
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 
 SHARED_HOST_NOTE = ("fake CPU devices share the host's cores: efficiency here measures "
                     "the host, not how the step scales on real chips")
@@ -105,9 +105,9 @@ def measure_count(config: ml_collections.ConfigDict, num_devices: int, per_devic
                   steps: int, warmup_steps: int) -> dict[str, Any]:
     """Builds, compiles and times the train step on the first `num_devices` devices."""
     scaled = scaled_config(config, num_devices, per_device)
-    _, derived = recipe.plan(scaled)
+    _, derived = assemble.plan(scaled)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-    run = recipe.build(scaled, derived, mesh)
+    run = assemble.build(scaled, derived, mesh)
     batches = synthetic_batches(scaled, derived, mesh)
     step_fn, compile_s = compile_step(run.train_step, run.state, next(batches))
     state = run_steps(step_fn, run.state, batches, warmup_steps)

@@ -1,9 +1,9 @@
 """`bench train`: how fast the configured model's train step runs, and how well it uses the chip.
 
-`bench_train(config)` builds the run exactly as the trainer does (`recipe.plan`, `recipe.build`),
-compiles the train step once, times it step by step, and reports compile time, step time,
-images/s, FLOPs from XLA's own cost analysis, a dense-matmul rate measured in the same
-process, their ratio (MFU) and peak memory. Every config override applies, so
+`bench_train(config)` builds the run exactly as the trainer does (`assemble.plan`,
+`assemble.build`), compiles the train step once, times it step by step, and reports compile
+time, step time, images/s, FLOPs from XLA's own cost analysis, a dense-matmul rate
+measured in the same process, their ratio (MFU) and peak memory. Every config override applies, so
 `--config.model=resnet50 --config.image_size=224 --config.batch_size=32` benchmarks that.
 """
 
@@ -23,10 +23,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagenet_jax.bench.host import process_peak_rss_mb
-from imagenet_jax.config import ConfigError, Derived
+from imagenet_jax.config import Derived
 from imagenet_jax.data import sources, synthetic
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
-from imagenet_jax.train import recipe
+from imagenet_jax.train import assemble
 
 MODES = ("synthetic", "pipeline")
 MATMUL_TARGET_SECONDS = 0.05  # long enough per timed run that dispatch and timer noise vanish
@@ -62,7 +63,7 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
     check_arguments(mode, warmup_steps, steps)
     config, (source, derived) = plan(config, mode)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     with contextlib.ExitStack() as services:
         batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
                    else pipeline_batches(config, source, mesh, services))
@@ -112,11 +113,11 @@ def _bench(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh, run:
 
 def plan(config: ml_collections.ConfigDict, mode: str
          ) -> tuple[ml_collections.ConfigDict, tuple[sources.Source, Derived]]:
-    """`recipe.plan(config)`; in synthetic mode, where no example is read, a dataset that
+    """`assemble.plan(config)`; in synthetic mode, where no example is read, a dataset that
     cannot be opened here (ImageNet on another machine, TensorFlow not installed) gives
     way to `synthetic`, ImageNet's shape (1,000 classes), with a warning."""
     try:
-        return config, recipe.plan(config)
+        return config, assemble.plan(config)
     except (ConfigError, ImportError) as e:
         dataset_error = isinstance(e, ImportError) or str(e).startswith("dataset ")
         if mode != "synthetic" or not dataset_error:
@@ -129,7 +130,7 @@ def plan(config: ml_collections.ConfigDict, mode: str
         config = config.copy_and_resolve_references()
         with config.unlocked():
             config.dataset = "synthetic"
-        return config, recipe.plan(config)
+        return config, assemble.plan(config)
 
 
 def check_arguments(mode: str, warmup_steps: int, steps: int) -> None:
@@ -156,13 +157,15 @@ def pipeline_batches(config: ml_collections.ConfigDict, source: sources.Source, 
                      services: contextlib.ExitStack) -> Iterator[dict[str, jax.Array]]:
     """The train loop's own input: its tf.data pipeline (on `config.data_service` when it
     names one, which `services` stops), prefetched to the devices."""
-    from imagenet_jax.data import input as data_input  # TensorFlow: only in this mode
-    from imagenet_jax.data import service
+    from imagenet_jax.data import (
+        loader,  # TensorFlow: only in this mode
+        service,
+    )
 
     data_service = service.connect(config.data_service)
     if data_service is not None:
         services.enter_context(data_service)
-    batches = data_input.train_batches(source, config, mesh, data_service=data_service)
+    batches = loader.train_batches(source, config, mesh, data_service=data_service)
     services.callback(batches.close)
     return batches
 
@@ -201,7 +204,7 @@ def warm_compile_seconds(config: ml_collections.ConfigDict, derived: Derived, me
     persistent cache is on."""
     if not jax.config.jax_compilation_cache_dir:
         return None
-    again = recipe.build(config, derived, mesh)
+    again = assemble.build(config, derived, mesh)
     start = time.perf_counter()
     again.train_step.lower(again.state, batch).compile()
     seconds = time.perf_counter() - start

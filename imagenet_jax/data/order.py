@@ -23,7 +23,7 @@ _NUM_EPOCHS_UNBOUNDED = 2**40
 
 
 @dataclasses.dataclass(frozen=True)
-class Sharding:
+class BatchSlice:
     """Which slice of each global batch this process builds."""
 
     global_batch_size: int
@@ -59,20 +59,20 @@ def epoch_permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tens
     return tf.argsort(keys, stable=True)
 
 
-def _batches_per_epoch(source: Source, sharding: Sharding) -> int:
-    batches = steps_per_epoch(source, sharding.global_batch_size)
+def _batches_per_epoch(source: Source, batch_slice: BatchSlice) -> int:
+    batches = steps_per_epoch(source, batch_slice.global_batch_size)
     if batches == 0:
         raise ValueError(f"the training split has {source.num_examples('train')} examples, "
-                         f"fewer than one global batch of {sharding.global_batch_size}")
+                         f"fewer than one global batch of {batch_slice.global_batch_size}")
     return batches
 
 
-def train_examples(source: Source, sharding: Sharding, seed: int,
+def train_examples(source: Source, batch_slice: BatchSlice, seed: int,
                    start_step: int = 0) -> tf.data.Dataset:
     """(epoch, index) of every example this process reads, endlessly, from `start_step`."""
     num_examples = source.num_examples("train")
-    batches_per_epoch = _batches_per_epoch(source, sharding)
-    local_positions = tf.constant(sharding.local_positions(batches_per_epoch))
+    batches_per_epoch = _batches_per_epoch(source, batch_slice)
+    local_positions = tf.constant(batch_slice.local_positions(batches_per_epoch))
 
     def epoch_examples(epoch):
         indices = tf.gather(epoch_permutation(num_examples, seed, epoch), local_positions)
@@ -81,18 +81,18 @@ def train_examples(source: Source, sharding: Sharding, seed: int,
     start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
     examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
     # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
-    return examples.skip(step_in_epoch * sharding.local_batch_size)
+    return examples.skip(step_in_epoch * batch_slice.local_batch_size)
 
 
-def step_examples(source: Source, sharding: Sharding, seed: int
+def step_examples(source: Source, batch_slice: BatchSlice, seed: int
                   ) -> Callable[[tf.Tensor], tf.data.Dataset]:
     """In-graph: step -> the (epoch, index) pairs of this process's slice of that step's
     global batch, the very pairs `train_examples` yields for it. One step alone, so that a
     data service worker can make any step (each one sorts its epoch's keys again)."""
     num_examples = source.num_examples("train")
-    batches_per_epoch = _batches_per_epoch(source, sharding)
-    local_positions = tf.constant(sharding.local_positions(batches_per_epoch).reshape(
-        batches_per_epoch, sharding.local_batch_size))
+    batches_per_epoch = _batches_per_epoch(source, batch_slice)
+    local_positions = tf.constant(batch_slice.local_positions(batches_per_epoch).reshape(
+        batches_per_epoch, batch_slice.local_batch_size))
 
     def examples_of(step: tf.Tensor) -> tf.data.Dataset:
         step = tf.cast(step, tf.int64)
@@ -108,10 +108,11 @@ def num_eval_batches(source: Source, split: str, global_batch_size: int) -> int:
     return math.ceil(source.num_examples(split) / global_batch_size)
 
 
-def eval_examples(source: Source, sharding: Sharding, split: str) -> tuple[np.ndarray, np.ndarray]:
+def eval_examples(source: Source, batch_slice: BatchSlice,
+                  split: str) -> tuple[np.ndarray, np.ndarray]:
     """This process's example indices for evaluating `split`, and which are real (not
     padding): every process gets the same number of whole batches."""
     num_examples = source.num_examples(split)
-    positions = sharding.local_positions(num_eval_batches(source, split,
-                                                          sharding.global_batch_size))
+    positions = batch_slice.local_positions(num_eval_batches(source, split,
+                                                          batch_slice.global_batch_size))
     return np.minimum(positions, num_examples - 1), positions < num_examples

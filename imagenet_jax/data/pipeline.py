@@ -15,7 +15,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from imagenet_jax.data import preprocess, randaugment
-from imagenet_jax.data.order import Sharding, eval_examples, step_examples, train_examples
+from imagenet_jax.data.order import BatchSlice, eval_examples, step_examples, train_examples
 from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
 
@@ -110,35 +110,30 @@ def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: R
     return examples.unbatch()
 
 
-def train_dataset(source: Source, sharding: Sharding, *, image_size: int, seed: int,
-                  start_step: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0),
-                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                  image_sizes: tuple[int, ...] = (), randaugment: tuple[int, float] | None = None,
+def train_dataset(source: Source, batch_slice: BatchSlice, spec: TrainSpec, start_step: int = 0,
                   repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """Endless local batches from `start_step`: {'image': uint8 [L, S, S, 3], 'label':
     int32 [L], 'flip': bool [L], 'mask': bool [L]}; skipped examples have mask False.
     A batch never straddles two epochs, so under progressive resizing its images share
     their epoch's size S."""
     set_up_host()
-    spec = TrainSpec(image_size, seed, tuple(crop_scale), tuple(crop_ratio),
-                     tuple(image_sizes), randaugment)
-    ds = train_examples(source, sharding, seed, start_step)
-    ds = _train_examples_loaded(ds, source, spec, repairs, sharding.local_batch_size)
-    ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
+    ds = train_examples(source, batch_slice, spec.seed, start_step)
+    ds = _train_examples_loaded(ds, source, spec, repairs, batch_slice.local_batch_size)
+    ds = ds.batch(batch_slice.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
-def keyed_train_dataset(source: Source, sharding: Sharding, spec: TrainSpec, start_step: int,
+def keyed_train_dataset(source: Source, batch_slice: BatchSlice, spec: TrainSpec, start_step: int,
                         stop_step: int, repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """The local batch of each step in [start_step, stop_step), `train_dataset`'s batches
     with the step as 'position' (int64): what a data service worker makes, one step per
     split of its `Dataset.range`, in whatever order the service delivers them."""
     set_up_host()
-    examples_of = step_examples(source, sharding, spec.seed)
+    examples_of = step_examples(source, batch_slice, spec.seed)
     ds = tf.data.Dataset.range(start_step, stop_step).flat_map(
         lambda step: examples_of(step).map(lambda epoch, index: (step, epoch, index)))
-    ds = _train_examples_loaded(ds, source, spec, repairs, sharding.local_batch_size)
-    return _keyed_batches(ds, sharding.local_batch_size)
+    ds = _train_examples_loaded(ds, source, spec, repairs, batch_slice.local_batch_size)
+    return _keyed_batches(ds, batch_slice.local_batch_size)
 
 
 def _train_examples_loaded(examples: tf.data.Dataset, source: Source, spec: TrainSpec,
@@ -184,7 +179,7 @@ def eval_loader(source: Source, split: str, image_size: int, crop_ratio: float,
     return lambda index, valid: decode(index, valid, *read(index))
 
 
-def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
+def eval_dataset(source: Source, batch_slice: BatchSlice, *, split: str = "val",
                  image_size: int, crop_ratio: float = 0.875, start_batch: int = 0,
                  repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """Every example of `split` exactly once, padded to whole global batches.
@@ -194,23 +189,23 @@ def eval_dataset(source: Source, sharding: Sharding, *, split: str = "val",
     examples. Every process yields the same number of batches.
     """
     set_up_host()
-    indices, valid = eval_examples(source, sharding, split)
-    start = start_batch * sharding.local_batch_size
+    indices, valid = eval_examples(source, batch_slice, split)
+    start = start_batch * batch_slice.local_batch_size
     ds = tf.data.Dataset.from_tensor_slices((valid[start:], indices[start:]))
     ds = _eval_examples_loaded(ds, source, split, image_size, crop_ratio, repairs,
-                               sharding.local_batch_size)
-    ds = ds.batch(sharding.local_batch_size, drop_remainder=True)
+                               batch_slice.local_batch_size)
+    ds = ds.batch(batch_slice.local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
-def keyed_eval_dataset(source: Source, sharding: Sharding, *, split: str, image_size: int,
+def keyed_eval_dataset(source: Source, batch_slice: BatchSlice, *, split: str, image_size: int,
                        crop_ratio: float, start_batch: int, stop_batch: int,
                        repairs: Repairs = Repairs()) -> tf.data.Dataset:
     """`eval_dataset`'s batches [start_batch, stop_batch), each with its batch number as
     'position': what a data service worker makes, one batch per split."""
     set_up_host()
-    indices, valid = eval_examples(source, sharding, split)
-    shape = (-1, sharding.local_batch_size)
+    indices, valid = eval_examples(source, batch_slice, split)
+    shape = (-1, batch_slice.local_batch_size)
     indices, valid = tf.constant(indices.reshape(shape)), tf.constant(valid.reshape(shape))
 
     def examples_of(batch):
@@ -219,8 +214,8 @@ def keyed_eval_dataset(source: Source, sharding: Sharding, *, split: str, image_
 
     ds = tf.data.Dataset.range(start_batch, stop_batch).flat_map(examples_of)
     ds = _eval_examples_loaded(ds, source, split, image_size, crop_ratio, repairs,
-                               sharding.local_batch_size)
-    return _keyed_batches(ds, sharding.local_batch_size)
+                               batch_slice.local_batch_size)
+    return _keyed_batches(ds, batch_slice.local_batch_size)
 
 
 def _eval_examples_loaded(examples: tf.data.Dataset, source: Source, split: str,
@@ -244,17 +239,17 @@ def _eager_reader(source: Source, split: str) -> Callable[[int], tuple[tf.Tensor
     return lambda index: read(tf.constant(index, tf.int64))
 
 
-def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
+def skipping_train_batches(source: Source, batch_slice: BatchSlice, spec: TrainSpec,
                            start_step: int = 0, retry: ReadRetry = ReadRetry(),
                            repairs: Repairs = Repairs()) -> SkippingBatches:
     """`train_dataset` from `start_step`, carried past unreadable images (and those
     `repairs` already knows)."""
     def build(step, repairs):
-        return train_dataset(source, sharding, **dataclasses.asdict(spec), start_step=step,
-                             repairs=repairs)
+        return train_dataset(source, batch_slice, spec, step, repairs)
 
     def examples_at(step):
-        pairs = train_examples(source, sharding, spec.seed, step).take(sharding.local_batch_size)
+        pairs = train_examples(source, batch_slice, spec.seed, step)
+        pairs = pairs.take(batch_slice.local_batch_size)
         return [(int(index), (tf.constant(epoch), tf.constant(index)))
                 for epoch, index in pairs.as_numpy_iterator()]
 
@@ -264,17 +259,17 @@ def skipping_train_batches(source: Source, sharding: Sharding, spec: TrainSpec,
                            repairs)
 
 
-def skipping_eval_batches(source: Source, sharding: Sharding, *, split: str = "val",
+def skipping_eval_batches(source: Source, batch_slice: BatchSlice, *, split: str = "val",
                           image_size: int, crop_ratio: float = 0.875,
                           start_batch: int = 0, retry: ReadRetry = ReadRetry(),
                           repairs: Repairs = Repairs()) -> SkippingBatches:
     """`eval_dataset` from `start_batch`, carried past unreadable images (they count as
     not evaluated)."""
-    indices, valid = eval_examples(source, sharding, split)
-    size = sharding.local_batch_size
+    indices, valid = eval_examples(source, batch_slice, split)
+    size = batch_slice.local_batch_size
 
     def build(batch, repairs):
-        return eval_dataset(source, sharding, split=split, image_size=image_size,
+        return eval_dataset(source, batch_slice, split=split, image_size=image_size,
                             crop_ratio=crop_ratio, start_batch=batch, repairs=repairs)
 
     def examples_at(batch):

@@ -22,7 +22,7 @@ moves the whole pipeline, decoding included, to worker processes on this host or
 other machines, and serves a run that needs more cores than its host has. On the same
 cores, TFDS through local service workers was the slower of the two where measured
 (BENCHMARKS.md, "Input on tf.data service"), so both stay; a run on the service reads in
-its workers' own threads, never in reader processes (recipe.plan).
+its workers' own threads, never in reader processes (assemble.plan).
 
 This module imports no TensorFlow: the workers are started fresh (multiprocessing's
 spawn, never a fork of a process running TensorFlow's and JAX's threads) and load only

@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterator
 import tensorflow as tf
 
 from imagenet_jax.data import repair
-from imagenet_jax.spec import ConfigError, parse_data_service
+from imagenet_jax.errors import ConfigError
+from imagenet_jax.spec import parse_data_service
 
 _service = tf.data.experimental.service
 _REACHABLE_TIMEOUT_S = 10.0

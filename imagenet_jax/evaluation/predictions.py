@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from imagenet_jax.evaluation import metrics
+from imagenet_jax.evaluation import scores
 from imagenet_jax.train.steps import ClassMap
 
 
@@ -33,15 +33,15 @@ class Predictions:
         return len(self.index)
 
     def correct(self, k: int = 1) -> np.ndarray:
-        return metrics.correct_at_k(self.top_classes, self.label, k)
+        return scores.correct_at_k(self.top_classes, self.label, k)
 
     def summary(self) -> dict[str, float | int]:
         """What the train loop logs at each evaluation: loss (the NLL), top-1, top-5."""
-        return {"loss": metrics.mean_nll(self.nll), "top1": metrics.mean(self.correct(1)),
-                "top5": metrics.mean(self.correct(5)), "num_examples": len(self)}
+        return {"loss": scores.mean_nll(self.nll), "top1": scores.mean(self.correct(1)),
+                "top5": scores.mean(self.correct(5)), "num_examples": len(self)}
 
 
-def predict(eval_step: Callable, state, batches: Iterable[dict],
+def collect_predictions(eval_step: Callable, state, batches: Iterable[dict],
             class_map: ClassMap) -> Predictions:
     """Runs `eval_step(state, batch, class_map)` over `batches` and gathers the results."""
     outputs = [eval_step(state, batch, class_map) for batch in batches]

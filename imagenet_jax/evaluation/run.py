@@ -18,10 +18,9 @@ import numpy as np
 from absl import logging
 
 from imagenet_jax import saved_run, storage
-from imagenet_jax.data import input as data_input
-from imagenet_jax.data import wordnet
-from imagenet_jax.evaluation import metrics, report
-from imagenet_jax.evaluation.predictions import Predictions, predict
+from imagenet_jax.data import loader, wordnet
+from imagenet_jax.evaluation import report, scores
+from imagenet_jax.evaluation.predictions import Predictions, collect_predictions
 from imagenet_jax.evaluation.sets import EvalSet, open_set, unknown_labels
 from imagenet_jax.train.loop import report_skipped
 
@@ -51,8 +50,8 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     heights = wordnet.load().lca_heights(model_classes)
     results = []
     for eval_set in eval_sets:
-        batches = data_input.eval_batches(eval_set.source, config, mesh)
-        predictions = predict(run.eval_step, state, batches, eval_set.class_map)
+        batches = loader.eval_batches(eval_set.source, config, mesh)
+        predictions = collect_predictions(run.eval_step, state, batches, eval_set.class_map)
         unknown_labels(eval_set, predictions.label)
         report_skipped(batches.take_report(), f"{eval_set.name} (not counted)")
         results.append(score(eval_set, predictions, model_classes, heights))
@@ -65,11 +64,11 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
 
 def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str, ...],
           heights: np.ndarray | None) -> dict:
-    """Every metric of one set (see metrics.py for the definitions and their sources)."""
+    """Every metric of one set (see scores.py for the definitions and their sources)."""
     labels, top = predictions.label, predictions.top_classes
     correct = predictions.correct(1)
-    ece, reliability = metrics.expected_calibration_error(predictions.confidence, correct)
-    per_class = metrics.per_class_accuracy(correct, labels, len(model_classes))
+    ece, reliability = scores.expected_calibration_error(predictions.confidence, correct)
+    per_class = scores.per_class_accuracy(correct, labels, len(model_classes))
     worst = sorted(per_class.items(), key=lambda item: (item[1], model_classes[item[0]]))
     result = {
         "name": eval_set.name,
@@ -77,12 +76,12 @@ def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str,
         "num_examples": len(predictions),
         "num_classes": len(eval_set.class_names),
         "restricted": eval_set.restricted,
-        "top1": metrics.mean(correct),
-        "top5": metrics.mean(predictions.correct(5)),
-        "nll": metrics.mean_nll(predictions.nll),
+        "top1": scores.mean(correct),
+        "top5": scores.mean(predictions.correct(5)),
+        "nll": scores.mean_nll(predictions.nll),
         "ece": ece,
         "mistake_severity": (None if heights is None else
-                             metrics.mistake_severity(top, labels, heights)),
+                             scores.mistake_severity(top, labels, heights)),
         "per_class_top1": {model_classes[c]: value for c, value in per_class.items()},
         "worst_classes": [{"class": model_classes[c], "name": wordnet.class_name(model_classes[c]),
                            "top1": value} for c, value in worst[:WORST_CLASSES]],
@@ -94,11 +93,11 @@ def score(eval_set: EvalSet, predictions: Predictions, model_classes: tuple[str,
     if eval_set.real_labels is not None:
         # ReaL's top-k over the images it scores; the other numbers keep the original labels.
         real = [eval_set.real_labels[i] for i in predictions.index]
-        real_top1, scored = metrics.real_correct(top, real, 1)
-        real_top5, _ = metrics.real_correct(top, real, 5)
+        real_top1, scored = scores.real_correct(top, real, 1)
+        real_top5, _ = scores.real_correct(top, real, 5)
         result.update(original_top1=result["top1"], original_num_examples=len(predictions),
-                      num_examples=int(scored.sum()), top1=metrics.mean(real_top1[scored]),
-                      top5=metrics.mean(real_top5[scored]))
+                      num_examples=int(scored.sum()), top1=scores.mean(real_top1[scored]),
+                      top5=scores.mean(real_top5[scored]))
     return result
 
 

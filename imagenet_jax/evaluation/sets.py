@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from imagenet_jax import storage
-from imagenet_jax.config import ConfigError
 from imagenet_jax.data import sources
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.spec import parse_dataset
 from imagenet_jax.train.steps import ClassMap
 

@@ -15,9 +15,7 @@ import os
 import jax
 from absl import logging
 
-
-class DistributedError(RuntimeError):
-    """This process could not join the job: the message says what was tried."""
+from imagenet_jax.errors import JobUnavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,9 @@ def initialize(spec: JobSpec) -> None:
     """Joins the job described by `spec` or detected; a no-op for a single process."""
     if spec.explicit:
         if spec.num_processes is None or spec.process_id is None:
-            raise DistributedError("--coordinator_address needs --num_processes and --process_id")
+            raise JobUnavailable("--coordinator_address needs --num_processes and --process_id")
         if not 0 <= spec.process_id < spec.num_processes:
-            raise DistributedError(f"--process_id={spec.process_id} is not in "
+            raise JobUnavailable(f"--process_id={spec.process_id} is not in "
                                    f"[0, {spec.num_processes})")
         kwargs = dict(coordinator_address=spec.coordinator_address,
                       num_processes=spec.num_processes, process_id=spec.process_id)
@@ -90,7 +88,7 @@ def initialize(spec: JobSpec) -> None:
                                    initialization_timeout=spec.initialization_timeout_s,
                                    heartbeat_timeout_seconds=spec.heartbeat_timeout_s)
     except Exception as e:  # noqa: BLE001 - every failure to join reads the same to a user
-        raise DistributedError(
+        raise JobUnavailable(
             f"could not join the job through {where} within "
             f"{spec.initialization_timeout_s} s: {type(e).__name__}: {str(e)[:300]}") from None
     logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),

@@ -48,8 +48,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel.mesh import FSDP_AXIS, replicated
-from imagenet_jax.spec import ConfigError
 
 SpecEntry = str | tuple[str, ...] | None
 

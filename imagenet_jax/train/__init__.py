@@ -1,2 +1,2 @@
-"""Train state, optimizers and schedules, the pure train/eval steps, the recipe (a config
-to a compiled step: shared with the benchmarks), and the loop."""
+"""Train state, optimizers and schedules, the pure train/eval steps, `assemble` (a config
+to a model, a state and compiled steps: shared with the benchmarks), and the loop."""

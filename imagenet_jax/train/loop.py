@@ -24,17 +24,18 @@ from jax.experimental import multihost_utils
 
 from imagenet_jax import storage
 from imagenet_jax.checkpoint import Checkpointer
-from imagenet_jax.config import ConfigError, Derived
+from imagenet_jax.config import Derived
 from imagenet_jax.console import Console
-from imagenet_jax.data import input as data_input
+from imagenet_jax.data import loader, wordnet
 from imagenet_jax.data import service as data_service
-from imagenet_jax.data import wordnet
-from imagenet_jax.evaluation.predictions import predict
-from imagenet_jax.metrics import MetricsLogger, read_records
+from imagenet_jax.errors import ConfigError, Preempted
+from imagenet_jax.evaluation.predictions import collect_predictions
+from imagenet_jax.metric_writers import MetricsLogger, read_records
 from imagenet_jax.parallel import describe_grid, mesh_from_shape
-from imagenet_jax.train import recipe
-from imagenet_jax.train.guards import Preempted, PreemptionWatcher, TrainMetricsBuffer
+from imagenet_jax.train import assemble
+from imagenet_jax.train.preemption import PreemptionWatcher
 from imagenet_jax.train.state import TrainState
+from imagenet_jax.train.step_metrics import TrainMetricsBuffer
 from imagenet_jax.train.steps import ClassMap
 
 
@@ -50,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     storage.configure()
     console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
-    source, derived = recipe.plan(config)
+    source, derived = assemble.plan(config)
     service = data_service.connect(config.data_service)  # an unreachable one: before the workdir
     try:
         return _train_and_evaluate(config, workdir, console, source, derived, service)
@@ -67,7 +68,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                  derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
-    run = recipe.build(config, derived, mesh)
+    run = assemble.build(config, derived, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                                 keep=config.keep_checkpoints, read_attempts=config.read_attempts,
                                 retry_delay_s=config.read_retry_delay_s)
@@ -98,7 +99,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                   description=f"{config.model} on {config.dataset}, {source.num_classes} "
                   f"classes, batch {config.batch_size} over {derived.num_devices} device(s)")
 
-    train_batches = data_input.train_batches(source, config, mesh, start_step, service,
+    train_batches = loader.train_batches(source, config, mesh, start_step, service,
                                              stop_step=derived.num_train_steps)
     profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
@@ -296,10 +297,10 @@ def run_eval(eval_step, state: TrainState, *, source, config: ml_collections.Con
              mesh, service: data_service.Service | None = None) -> dict:
     """Exact metrics over the whole validation split, whatever the batch and device count
     (made in this process or by `service`'s workers)."""
-    batches = data_input.eval_batches(source, config, mesh, data_service=service)
+    batches = loader.eval_batches(source, config, mesh, data_service=service)
     try:
-        result = predict(eval_step, state, batches,
-                         ClassMap.identity(source.num_classes)).summary()
+        result = collect_predictions(eval_step, state, batches,
+                                     ClassMap.identity(source.num_classes)).summary()
     finally:
         batches.close()
     report_skipped(batches.take_report(), "evaluation (not counted in num_examples)")

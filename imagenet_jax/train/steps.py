@@ -21,9 +21,9 @@ from jax.sharding import Mesh
 from imagenet_jax.parallel import batch_sharding, replicated
 from imagenet_jax.parallel.sharding import gather_params_first, is_sharded
 from imagenet_jax.train import mixing
-from imagenet_jax.train.metrics import Sum, TrainMetrics
 from imagenet_jax.train.optim import with_learning_rate
 from imagenet_jax.train.state import TrainState, shardings_of
+from imagenet_jax.train.step_metrics import Sum, TrainMetrics
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -215,7 +215,7 @@ def eval_step(state: TrainState, batch: dict, class_map: ClassMap, *, graphdef: 
     Returns {'top_classes' [B, 5], 'top_probabilities' [B, 5], 'nll' [B] (-log p(label)),
     'confidence' [B] (the top probability), 'label' [B] (among the model's classes),
     'index' [B] (the example's position in its split), 'mask' [B]}: small arrays, from
-    which the host computes every metric exactly (evaluation/metrics.py), whatever the
+    which the host computes every metric exactly (evaluation/scores.py), whatever the
     device and process count.
     """
     model = nnx.merge(graphdef, state.params, state.model_state)

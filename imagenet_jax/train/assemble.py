@@ -21,8 +21,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagenet_jax import models
-from imagenet_jax.config import ConfigError, Derived, derive, validate
+from imagenet_jax.config import Derived, derive, validate
 from imagenet_jax.data import sources
+from imagenet_jax.errors import ConfigError
 from imagenet_jax.models.layers import batchnorm_groups, set_batchnorm_groups
 from imagenet_jax.parallel.sharding import ShardingRules
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer

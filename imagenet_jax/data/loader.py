@@ -51,9 +51,9 @@ class DeviceBatches(Iterator[dict]):
             self._host.close()
 
 
-def process_sharding(global_batch_size: int) -> order.Sharding:
+def process_batch_slice(global_batch_size: int) -> order.BatchSlice:
     """This process's part of each global batch."""
-    return order.Sharding(global_batch_size, jax.process_index(), jax.process_count())
+    return order.BatchSlice(global_batch_size, jax.process_index(), jax.process_count())
 
 
 def read_retry(config: ml_collections.ConfigDict) -> repair.ReadRetry:
@@ -98,16 +98,16 @@ def host_train_batches(source: Source, config: ml_collections.ConfigDict, start_
     """This process's slices of the batches of steps [start_step, stop_step), in host
     memory: made here, or by `data_service`'s workers within `timeout_s` (default
     config.data_service_timeout_s)."""
-    sharding, retry = process_sharding(config.batch_size), read_retry(config)
+    batch_slice, retry = process_batch_slice(config.batch_size), read_retry(config)
     spec = train_spec(config)
 
     def here(step: int, repairs: repair.Repairs) -> repair.SkippingBatches:
-        return pipeline.skipping_train_batches(source, sharding, spec, step, retry, repairs)
+        return pipeline.skipping_train_batches(source, batch_slice, spec, step, retry, repairs)
 
     if data_service is None:
         return here(start_step, repair.Repairs())
     return _in_order(
-        lambda step, repairs: pipeline.keyed_train_dataset(source, sharding, spec, step,
+        lambda step, repairs: pipeline.keyed_train_dataset(source, batch_slice, spec, step,
                                                            stop_step, repairs),
         here, start_step, stop_step, config, data_service, timeout_s)
 
@@ -119,11 +119,11 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
     if isinstance(source, synthetic.SyntheticSource):
         return DeviceBatches(synthetic.eval_batches(
             source, mesh, config.eval_batch_size, eval_image_size(config), config.seed), None)
-    sharding, retry = process_sharding(config.eval_batch_size), read_retry(config)
+    batch_slice, retry = process_batch_slice(config.eval_batch_size), read_retry(config)
     image_size, crop_ratio = eval_image_size(config), config.eval_crop_ratio
 
     def here(batch: int, repairs: repair.Repairs) -> repair.SkippingBatches:
-        return pipeline.skipping_eval_batches(source, sharding, split=split,
+        return pipeline.skipping_eval_batches(source, batch_slice, split=split,
                                               image_size=image_size, crop_ratio=crop_ratio,
                                               start_batch=batch, retry=retry, repairs=repairs)
 
@@ -133,7 +133,7 @@ def eval_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
         num_batches = order.num_eval_batches(source, split, config.eval_batch_size)
         host = _in_order(
             lambda batch, repairs: pipeline.keyed_eval_dataset(
-                source, sharding, split=split, image_size=image_size, crop_ratio=crop_ratio,
+                source, batch_slice, split=split, image_size=image_size, crop_ratio=crop_ratio,
                 start_batch=batch, stop_batch=num_batches, repairs=repairs),
             here, 0, num_batches, config, data_service)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)
