@@ -283,12 +283,12 @@ def _keep_log(log_file: Path | None, workdir: str) -> None:
     another run's checkpoint) leaves the workdir exactly as it was, its log in TMPDIR."""
     if log_file is None:
         return
-    from imagenet_jax import storage
+    from imagenet_jax import run_dir, storage
 
     try:
         for handler in std_logging.getLogger().handlers:
             handler.flush()
-        target = storage.as_path(workdir) / "logs" / log_file.name
+        target = run_dir.logs(workdir) / log_file.name
         if not storage.is_url(workdir):
             target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(log_file.read_text(errors="replace"))
@@ -476,10 +476,10 @@ def plot(argv: list[str]) -> None:
     workdirs = argv[1:]
     if not workdirs:
         _fail("usage: imagenet-jax plot WORKDIR [WORKDIR ...] [--out=FILE.png]")
-    from imagenet_jax import storage
+    from imagenet_jax import run_dir
     from imagenet_jax.plot import plot_runs
 
-    out = FLAGS.out or str(storage.as_path(workdirs[0]) / "curves.png")
+    out = FLAGS.out or str(run_dir.curves(workdirs[0]))
     try:
         result = plot_runs(workdirs, out)
     except ValueError as e:

@@ -3,7 +3,7 @@
 `metrics.jsonl` holds one JSON object per logged record, e.g.
 `{"step": 400, "split": "val", "loss": 0.41, "top1": 0.93, "top5": 0.99, ..., "time": 81.2}`
 (time: seconds the run had been running), so that any tool can read a run:
-`read_records(workdir)`, `imagenet-jax plot`. Only process 0 writes files.
+`run_dir.read_records(workdir)`, `imagenet-jax plot`. Only process 0 writes files.
 
 Object stores have no append, so the file is never appended to: process 0 keeps the
 run's records and replaces the whole file at each record, all at once (an upload, or a
@@ -24,9 +24,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from imagenet_jax import storage
-
-METRICS_FILE = "metrics.jsonl"
+from imagenet_jax import run_dir, storage
 
 
 class MetricsLogger:
@@ -36,13 +34,13 @@ class MetricsLogger:
         events = self.is_writer and _tensorboard_can_write(workdir)
         self.writer = metric_writers.create_default_writer(
             os.fspath(workdir), just_logging=not events, asynchronous=True)
-        self.path = workdir / METRICS_FILE
+        self.path = run_dir.metrics(workdir)
         self._lines: list[str] = []
         # Each record's "time": seconds the run has been running, carried on by a resumed
         # run from its last kept record (the time it was down is not counted).
         self._started, self._time_before = time.monotonic(), 0.0
         if self.is_writer:
-            records = read_records(workdir)
+            records = run_dir.read_records(workdir)
             kept = [r for r in records if r["step"] <= resume_step]
             self._lines = [json.dumps(r) + "\n" for r in kept]
             self._time_before = max((r.get("time", 0.0) for r in kept), default=0.0)
@@ -89,11 +87,3 @@ def _tensorboard_can_write(workdir) -> bool:
                         storage.EMULATOR_ENV, workdir)
         return False
     return True
-
-
-def read_records(workdir: str | os.PathLike) -> list[dict]:
-    """The records of the run in `workdir`, oldest first; [] before the first."""
-    path = storage.as_path(workdir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagenet_jax import storage
-from imagenet_jax.metric_writers import read_records
+from imagenet_jax.run_dir import read_records
 
 PANELS = (  # (metric, x axis, title)
     ("loss", "step", "loss"), ("top1", "step", "top-1"), ("top5", "step", "top-5"),

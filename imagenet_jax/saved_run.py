@@ -9,7 +9,6 @@ is still writing its checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -18,7 +17,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from imagenet_jax import models, storage
+from imagenet_jax import models, run_dir
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import (
     Derived,
@@ -45,16 +44,11 @@ class SavedRun:
 
 
 def load_config(workdir, overrides: dict[str, Any] | None = None
-                ) -> tuple[ml_collections.ConfigDict, dict]:
+                ) -> tuple[ml_collections.ConfigDict, run_dir.SavedConfig]:
     """(the run's config with `overrides` ({'FIELD' or 'A.B': value}) applied, the whole
     config.json); ConfigError for a workdir that holds no run."""
-    path = storage.as_path(workdir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{workdir} holds no run: {path} does not exist (train into it "
-                          "first, or give the --workdir of a run)") from None
-    config = config_from_json(saved["config"])
+    saved = run_dir.read_config(workdir)
+    config = config_from_json(saved.config)
     for name, value in (overrides or {}).items():
         set_field(config, name, value)
     validate(config, model_names=models.names(), num_devices=jax.device_count(),
@@ -62,11 +56,12 @@ def load_config(workdir, overrides: dict[str, Any] | None = None
     return config, saved
 
 
-def class_names(config: ml_collections.ConfigDict, saved: dict) -> tuple[str, ...]:
+def class_names(config: ml_collections.ConfigDict, saved: run_dir.SavedConfig
+                ) -> tuple[str, ...]:
     """The model's classes: from config.json, or, for a run that predates them there,
     from its training set opened again."""
-    if saved.get("class_names"):
-        return tuple(saved["class_names"])
+    if saved.class_names:
+        return saved.class_names
     from imagenet_jax.data import sources
 
     try:
@@ -78,24 +73,24 @@ def class_names(config: ml_collections.ConfigDict, saved: dict) -> tuple[str, ..
 
 def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
                    overrides: dict[str, Any] | None = None,
-                   loaded: tuple[ml_collections.ConfigDict, dict] | None = None) -> SavedRun:
+                   loaded: tuple[ml_collections.ConfigDict, run_dir.SavedConfig] | None = None
+                   ) -> SavedRun:
     """The run in `workdir` with checkpoint `step` (default: the latest) restored on this
     machine's devices; `loaded`: what `load_config` already returned for it. ConfigError
     for no run, no checkpoint or an unknown step."""
-    workdir = storage.as_path(workdir)
     config, saved = loaded or load_config(workdir, overrides)
     classes = class_names(config, saved)
-    if not (workdir / "checkpoints").exists():
-        raise ConfigError(f"{workdir} has no checkpoint ({workdir / 'checkpoints'} does not "
-                          "exist)")
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True,
+    if not run_dir.checkpoints(workdir).exists():
+        raise ConfigError(f"{workdir} has no checkpoint ({run_dir.checkpoints(workdir)} does "
+                          "not exist)")
+    checkpointer = Checkpointer(run_dir.checkpoints(workdir), read_only=True,
                                 read_attempts=config.read_attempts,
                                 retry_delay_s=config.read_retry_delay_s)
     try:
         steps = checkpointer.steps()
         if not steps:
             raise ConfigError(f"{workdir} has no finished checkpoint (none under "
-                              f"{workdir / 'checkpoints'})")
+                              f"{run_dir.checkpoints(workdir)})")
         step = steps[0] if step is None else step
         if step not in steps:
             raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
@@ -115,9 +110,12 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
     return SavedRun(config, classes, derived, mesh, run, state, step)
 
 
-def _derive(config: ml_collections.ConfigDict, saved: dict, num_classes: int) -> Derived:
-    """The run's derived values on this machine's devices (the mesh may differ)."""
-    trained = saved.get("derived", {})
+def _derive(config: ml_collections.ConfigDict, saved: run_dir.SavedConfig,
+            num_classes: int) -> Derived:
+    """The run's derived values on this machine's devices (the mesh may differ). A run
+    without them (weights imported without a dataset) gets one batch's worth of training
+    examples and no evaluation examples: its schedule is not used here."""
+    trained = saved.derived or {}
     return derive(config, num_classes=num_classes,
                   num_train_examples=trained.get("num_train_examples", config.batch_size),
                   num_eval_examples=trained.get("num_eval_examples", 0),

@@ -258,15 +258,15 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     classes when it can be (its class count must then match). Refuses a workdir that
     already holds checkpoints.
     """
-    from imagenet_jax import checkpoint, storage
+    from imagenet_jax import checkpoint, run_dir
     from imagenet_jax.config import derive
     from imagenet_jax.data import wordnet
     from imagenet_jax.errors import ConfigError
     from imagenet_jax.parallel import mesh_from_shape
-    from imagenet_jax.train import assemble, loop
+    from imagenet_jax.train import assemble
     from imagenet_jax.train.state import split_model
 
-    workdir = storage.as_path(workdir)
+    workdir = run_dir.path(workdir)
     model = load_torchvision(name, weights, **config.model_options)
     config.model = name
     if name in AUX_PREFIXES:  # as loaded, so that train and eval build the same model
@@ -294,7 +294,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
         derived = derive(config, num_classes=num_classes, num_train_examples=config.batch_size,
                          num_eval_examples=0, num_devices=jax.device_count(),
                          num_processes=jax.process_count(), platform=jax.devices()[0].platform)
-    loop.check_writable(workdir)
+    run_dir.check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = assemble.build(config, derived, mesh)
     _, params, model_state = split_model(model)
@@ -302,7 +302,8 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
         params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, run.state.params)),
         model_state=jax.device_put(model_state, jax.tree.map(lambda x: x.sharding,
                                                              run.state.model_state)))
-    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(run_dir.checkpoints(workdir),
+                                           keep=config.keep_checkpoints)
     try:
         if checkpointer.latest_step() is not None:
             raise ConfigError(f"{workdir} already holds checkpoints (step "
@@ -312,7 +313,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     finally:
         checkpointer.close()
     if jax.process_index() == 0:
-        loop.save_config(workdir, config, derived, class_names)
+        run_dir.write_config(workdir, config, class_names, derived if source else None)
     return {"workdir": os.fspath(workdir), "model": name, "num_classes": num_classes,
             "model_options": dict(config.model_options)}
 

@@ -15,7 +15,7 @@ from chaos import RunWatcher, chaos, command, final_params, trees_equal
 from conftest import REPO, resumable_flags, subprocess_env
 
 from imagenet_jax.data import demo, order, pipeline, repair, service, sources
-from imagenet_jax.metric_writers import read_records
+from imagenet_jax.run_dir import read_records
 from imagenet_jax.spec import parse_data_service
 
 SPEC = pipeline.TrainSpec(16, seed=3, crop_scale=(0.35, 1.0), image_sizes=(12, 16))

@@ -21,11 +21,11 @@ from chaos import (
 )
 from conftest import resumable_config, resumable_flags, subprocess_env, tiny_config
 
-from imagenet_jax import storage
+from imagenet_jax import run_dir, storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.metric_writers import read_records
 from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.run_dir import read_records
 from imagenet_jax.train import assemble, loop
 
 TOTAL_STEPS = 6 * (400 // 32)  # num_epochs=6 over the tiny dataset's 400 images
@@ -210,4 +210,4 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
 
 def test_a_workdir_url_other_than_gs_fails_at_start(tmp_path):
     with pytest.raises(ConfigError, match="gs://BUCKET/PATH"):
-        loop.check_writable(storage.as_path("s3://bucket/run"))
+        run_dir.check_writable(storage.as_path("s3://bucket/run"))

@@ -14,7 +14,7 @@ import pytest
 from chaos import final_params
 from conftest import REPO, subprocess_env
 
-from imagenet_jax.metric_writers import read_records
+from imagenet_jax.run_dir import read_records
 
 
 def _flags(dataset, workdir, *extra):

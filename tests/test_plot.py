@@ -9,8 +9,9 @@ from matplotlib import colors, image
 from matplotlib.figure import Figure
 
 from imagenet_jax import metric_writers
-from imagenet_jax.metric_writers import MetricsLogger, read_records
+from imagenet_jax.metric_writers import MetricsLogger
 from imagenet_jax.plot import plot_runs, run_names
+from imagenet_jax.run_dir import read_records
 
 # Each panel's title: (the metric drawn, against what).
 PANELS = {"loss": ("loss", "step"), "top-1": ("top1", "step"), "top-5": ("top5", "step"),

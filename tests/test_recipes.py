@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from imagenet_jax.config import base_config, derive, train_image_sizes, validate
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.metric_writers import read_records
+from imagenet_jax.run_dir import read_records
 from imagenet_jax.train import loop, mixing
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer, with_learning_rate
 from imagenet_jax.train.state import Ema

@@ -17,10 +17,11 @@ from chaos import chaos, run_to_end
 from conftest import REPO, subprocess_env, tiny_config
 from gcs_emulator import BUCKET
 
-from imagenet_jax import storage
+from imagenet_jax import run_dir, storage
 from imagenet_jax.data import sources
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.metric_writers import MetricsLogger, read_records
+from imagenet_jax.metric_writers import MetricsLogger
+from imagenet_jax.run_dir import read_records
 from imagenet_jax.train import loop
 
 
@@ -75,9 +76,9 @@ def test_metrics_jsonl_on_gs_holds_each_record_once_after_a_resume(bucket):
 
 
 def test_a_gs_workdir_is_probed_at_start(bucket):
-    loop.check_writable(storage.as_path(f"{bucket}/probed"))
+    run_dir.check_writable(storage.as_path(f"{bucket}/probed"))
     with pytest.raises(ConfigError, match="is not writable"):
-        loop.check_writable(storage.as_path("gs://no-such-bucket-anywhere/run"))
+        run_dir.check_writable(storage.as_path("gs://no-such-bucket-anywhere/run"))
 
 
 def test_a_folder_dataset_on_gs_trains_like_its_local_copy(bucket, tiny_dataset, tmp_path):

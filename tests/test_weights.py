@@ -136,7 +136,8 @@ def test_import_writes_a_step_0_run_that_exports_the_same_file(tmp_path):
     result = import_to_workdir("resnet18", path, workdir, config, open_dataset=False)
     assert result["num_classes"] == seeded_weights.NUM_CLASSES
     saved_config, saved = load_config(workdir)
-    assert saved_config.model == "resnet18" and saved["class_names"][0] == "class_0"
+    assert saved_config.model == "resnet18" and saved.class_names[0] == "class_0"
+    assert saved.derived is None  # nothing was derived from a dataset: absent, not made up
     exported = tmp_path / "exported.safetensors"
     assert export_from_workdir(workdir, exported)["step"] == 0
     before, after = load_file(str(path)), load_file(str(exported))

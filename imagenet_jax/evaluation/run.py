@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from imagenet_jax import saved_run, storage
+from imagenet_jax import run_dir, saved_run, storage
 from imagenet_jax.data import loader, wordnet
 from imagenet_jax.evaluation import report, scores
 from imagenet_jax.evaluation.predictions import Predictions, collect_predictions
@@ -58,7 +58,7 @@ def evaluate_run(workdir: str | os.PathLike, specs: Sequence[str] = (), *,
     compare_to_reference(results)
     result = {"step": step, "workdir": os.fspath(workdir), "sets": results}
     if jax.process_index() == 0:
-        report.write(workdir / "eval", result)
+        report.write(run_dir.eval_results(workdir), result)
     return result
 
 

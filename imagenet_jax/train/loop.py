@@ -1,4 +1,4 @@
-"""The training loop: the run `recipe` builds, trained, evaluated and checkpointed.
+"""The training loop: the run `assemble` builds, trained, evaluated and checkpointed.
 
 `train_and_evaluate(config, workdir)` is the whole run; the CLI only parses flags
 and calls it. Re-running on the same workdir resumes from the latest checkpoint.
@@ -7,9 +7,7 @@ and calls it. Re-running on the same workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -22,15 +20,15 @@ from clu import parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from imagenet_jax import storage
+from imagenet_jax import run_dir, storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import Derived
 from imagenet_jax.console import Console
 from imagenet_jax.data import loader, wordnet
 from imagenet_jax.data import service as data_service
-from imagenet_jax.errors import ConfigError, Preempted
+from imagenet_jax.errors import Preempted
 from imagenet_jax.evaluation.predictions import collect_predictions
-from imagenet_jax.metric_writers import MetricsLogger, read_records
+from imagenet_jax.metric_writers import MetricsLogger
 from imagenet_jax.parallel import describe_grid, mesh_from_shape
 from imagenet_jax.train import assemble
 from imagenet_jax.train.preemption import PreemptionWatcher
@@ -62,16 +60,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, console: Console,
                         source, derived: Derived, service: data_service.Service | None) -> dict:
-    check_writable(workdir)
+    run_dir.check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
                  derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     run = assemble.build(config, derived, mesh)
-    checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                                keep=config.keep_checkpoints, read_attempts=config.read_attempts,
-                                retry_delay_s=config.read_retry_delay_s)
+    checkpointer = Checkpointer(
+        run_dir.checkpoints(workdir), every_steps=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints, read_attempts=config.read_attempts,
+        retry_delay_s=config.read_retry_delay_s)
     try:
         state = checkpointer.restore_latest(run.state)
     except BaseException:
@@ -87,7 +86,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         checkpointer.close()
         return last_record(workdir, "val")
     if jax.process_index() == 0:
-        save_config(workdir, config, derived, source.class_names)
+        run_dir.write_config(workdir, config, source.class_names, derived)
         if start_step == 0:
             parameter_overview.log_parameter_overview(state.params)
 
@@ -101,7 +100,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
 
     train_batches = loader.train_batches(source, config, mesh, start_step, service,
                                              stop_step=derived.num_train_steps)
-    profiler = StepProfiler(os.fspath(workdir / "profile"), config.profile_start_step,
+    profiler = StepProfiler(os.fspath(run_dir.profile(workdir)), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
     try:
         last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
@@ -321,32 +320,6 @@ def report_skipped(skipped: dict[int, str], when: str) -> None:
                         len(skipped), jax.process_index(), "\n  ".join(skipped.values()))
 
 
-def check_writable(workdir: epath.Path) -> None:
-    """Fails at start, not at the first save, when the workdir cannot be written: a local
-    folder, or a gs:// URL (a missing bucket, no credentials, no permission)."""
-    if storage.is_url(workdir) and not str(workdir).startswith("gs://"):
-        raise ConfigError(f"workdir {workdir}: the URLs supported are gs://BUCKET/PATH "
-                          "(Cloud Storage) and local paths")
-    try:
-        if not storage.is_url(workdir):  # (a bucket has no folders; gcsfs would create one)
-            workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test.{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except Exception as e:  # noqa: BLE001 - OSError locally; any client error for gs://
-        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e)[:200]}"
-        raise ConfigError(f"workdir {workdir} is not writable: {reason}") from None
-
-
-def save_config(workdir: epath.Path, config: ml_collections.ConfigDict, derived: Derived,
-                class_names: tuple[str, ...]) -> None:
-    """WORKDIR/config.json: the config, what was derived from it, and the model's classes
-    in output order (what `imagenet-jax eval` needs without the training set)."""
-    resolved = {"config": json.loads(config.to_json_best_effort()),
-                "derived": dataclasses.asdict(derived), "class_names": list(class_names)}
-    storage.write_atomically(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
-
-
 def last_record(workdir: epath.Path, split: str) -> dict:
-    records = [r for r in read_records(workdir) if r["split"] == split]
+    records = [r for r in run_dir.read_records(workdir) if r["split"] == split]
     return records[-1] if records else {}
