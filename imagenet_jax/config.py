@@ -15,16 +15,18 @@ import re
 import ml_collections
 
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.spec import parse_data_service, parse_dataset, parse_randaugment
+from imagenet_jax.spec import (
+    DATA_AXIS,
+    MESH_AXES,
+    parse_data_service,
+    parse_dataset,
+    parse_randaugment,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "step", "exponential", "poly", "constant")
 OPTIMIZERS = ("sgd", "rmsprop", "lars", "lamb", "adamw")
 ON_NONFINITE = ("stop", "skip")
-# The mesh axes, as parallel/mesh.py names them: the batch is split over both, parameters
-# over 'fsdp' only.
-MESH_AXES = ("data", "fsdp")
-DATA_AXIS = "data"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -443,6 +445,12 @@ def validate_sharding_rule(rule) -> None:
             raise ConfigError(f"sharding rule {rule!r}: {form}")
 
 
+def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
+    """Full global batches in one pass over the training set: the remainder of each epoch
+    is dropped, so that every step has a whole batch and an epoch's images one size."""
+    return num_train_examples // global_batch_size
+
+
 def compute_dtype(dtype: str, platform: str) -> str:
     """config.dtype for `platform` ('cpu', 'gpu', 'tpu'): 'auto' is bfloat16 where the
     matrix units run it natively, float32 on CPUs, where it would only be emulated."""
@@ -455,18 +463,18 @@ def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_exa
            num_eval_examples: int, num_devices: int, num_processes: int,
            platform: str = "cpu") -> Derived:
     shape = mesh_shape(config, num_devices)
-    steps_per_epoch = num_train_examples // config.batch_size
-    if steps_per_epoch == 0:
+    epoch_steps = steps_per_epoch(num_train_examples, config.batch_size)
+    if epoch_steps == 0:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the training split "
                           f"({num_train_examples} examples)")
     return Derived(
         num_classes=num_classes,
         num_train_examples=num_train_examples,
         num_eval_examples=num_eval_examples,
-        steps_per_epoch=steps_per_epoch,
-        num_train_steps=max(1, math.ceil(config.num_epochs * steps_per_epoch)),
-        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
+        steps_per_epoch=epoch_steps,
+        num_train_steps=max(1, math.ceil(config.num_epochs * epoch_steps)),
+        warmup_steps=round(config.warmup_epochs * epoch_steps),
+        eval_every_steps=max(1, round(config.eval_every_epochs * epoch_steps)),
         peak_learning_rate=config.learning_rate * config.batch_size / 256,
         num_devices=math.prod(shape.values()),
         num_processes=num_processes,

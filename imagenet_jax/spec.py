@@ -1,10 +1,15 @@
-"""The grammars of `config.dataset`, `config.randaugment` and `config.data_service`.
+"""The grammars of `config.dataset`, `config.randaugment` and `config.data_service`, and
+the names of the mesh axes.
 
-A leaf: it imports only `errors` of imagenet_jax (so config, data and parallel never form
-a cycle) and no TensorFlow, so checking a config reports a mistake before anything heavy
+A leaf: it imports nothing of imagenet_jax (so config, data and parallel never form a
+cycle) and no TensorFlow, so checking a config reports a mistake before anything heavy
 loads."""
 
-
+# The device mesh's axes, major to minor. Both split the batch; parameters are sharded
+# over 'fsdp' only (ZeRO-3 style). config.mesh and config.sharding_rules name them.
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
                  "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from imagenet_jax import spec
 from imagenet_jax.data import demo, order, pipeline, preprocess, repair, sources, synthetic
-from imagenet_jax.parallel import make_mesh
+from imagenet_jax.parallel import mesh_from_shape
 
 
 def test_demo_layout_and_determinism(tiny_dataset, tmp_path):
@@ -228,7 +228,7 @@ def test_synthetic_source_and_batches():
     assert sources.get_source("synthetic").num_examples("train") == 1_281_167
     with pytest.raises(ValueError, match="classes=N, train=N or val=N"):
         sources.get_source("synthetic:classes=0")
-    mesh = make_mesh(jax.devices())
+    mesh = mesh_from_shape({"data": jax.device_count(), "fsdp": 1})
     first = next(synthetic.train_batches(source, mesh, 16, 8, seed=0))
     again = next(synthetic.train_batches(source, mesh, 16, 8, seed=0))
     np.testing.assert_array_equal(first["image"], again["image"])  # a function of the seed

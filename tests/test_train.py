@@ -8,7 +8,7 @@ from flax import nnx
 
 from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
-from imagenet_jax.parallel import make_mesh
+from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import assemble, loop, optim, steps
 
 
@@ -50,8 +50,10 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
     """
     assert jax.device_count() == 8
     config = tiny_config(tiny_dataset, batch_size=32, batchnorm_group_examples=group_examples)
-    one, eight = make_mesh(jax.devices()[:1]), make_mesh(jax.devices())
     source, derived = assemble.plan(config)
+    # The meshes the CLI builds: the config's (data 8, fsdp 1) and one of a single device.
+    one, eight = mesh_from_shape({"data": 1, "fsdp": 1}), mesh_from_shape(derived.mesh_shape)
+    assert eight.devices.size == 8
     run_1, run_8 = assemble.build(config, derived, one), assemble.build(config, derived, eight)
     shardings_8 = jax.tree.map(lambda x: x.sharding, run_8.state)
     spec = pipeline.TrainSpec(config.image_size, config.seed, tuple(config.crop_scale))
@@ -78,7 +80,7 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
     config = tiny_config(tiny_dataset, eval_batch_size=16)  # 70 = 4 * 16 + 6
     source, derived = assemble.plan(config)
-    mesh = make_mesh()
+    mesh = mesh_from_shape(derived.mesh_shape)
     run = assemble.build(config, derived, mesh)
     state, _ = _train(config, mesh, 4)  # a model whose predictions are not all alike
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, run.state))
@@ -94,7 +96,8 @@ def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):
     logits = model(steps.normalize(images["image"][:70], np.float32))
     labels = source.labels["val"]
     expected_top1 = float(np.mean(np.argmax(logits, -1) == labels))
-    expected_loss = float(np.mean(steps.cross_entropy(logits, labels, 0.0)))
+    targets = steps.one_hot_targets(labels, logits.shape[-1], 0.0)
+    expected_loss = float(np.mean(steps.cross_entropy(logits, targets)))
     assert result["top1"] == pytest.approx(expected_top1, abs=1e-6)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
 

@@ -79,13 +79,10 @@ def train_batches(source: Source, config: ml_collections.ConfigDict, mesh: Mesh,
                   stop_step: int = _ENDLESS) -> DeviceBatches:
     """Global training batches of steps [start_step, stop_step) (endless by default), made
     in this process or by `data_service`'s workers (the same batches either way)."""
-    steps_per_epoch = order.steps_per_epoch(source, config.batch_size)
-    spec = train_spec(config)
     if isinstance(source, synthetic.SyntheticSource):
-        sizes = spec.image_sizes
+        spec, epoch_steps = train_spec(config), order.steps_per_epoch(source, config.batch_size)
         return DeviceBatches(synthetic.train_batches(
-            source, mesh, config.batch_size,
-            lambda step: sizes[min(step // steps_per_epoch, len(sizes) - 1)],
+            source, mesh, config.batch_size, lambda step: spec.size_of(step // epoch_steps),
             config.seed, start_step), None)
     host = host_train_batches(source, config, start_step, stop_step, data_service)
     return DeviceBatches(_to_devices(host, mesh, config.prefetch_batches), host)

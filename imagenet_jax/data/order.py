@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from imagenet_jax import config
 from imagenet_jax.data.sources import Source
 
 _NUM_EPOCHS_UNBOUNDED = 2**40
@@ -47,8 +48,8 @@ class BatchSlice:
 
 
 def steps_per_epoch(source: Source, global_batch_size: int) -> int:
-    """Full global batches in one pass over the training split (the remainder is dropped)."""
-    return source.num_examples("train") // global_batch_size
+    """Full global batches in one pass over the training split (config.steps_per_epoch)."""
+    return config.steps_per_epoch(source.num_examples("train"), global_batch_size)
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:

@@ -55,10 +55,13 @@ class TrainSpec:
     image_sizes: tuple[int, ...] = ()
     randaugment: tuple[int, float] | None = None  # (ops per image, magnitude)
 
-    def size_of(self, epoch: tf.Tensor) -> int | tf.Tensor:
-        """The resolution of `epoch`'s images: a constant unless it changes over epochs."""
+    def size_of(self, epoch: int | tf.Tensor) -> int | tf.Tensor:
+        """The resolution of `epoch`'s images (an int, or in-graph a tensor): a constant
+        unless it changes over epochs."""
         if len(set(self.image_sizes)) <= 1:
             return self.image_sizes[0] if self.image_sizes else self.image_size
+        if isinstance(epoch, int):
+            return self.image_sizes[min(epoch, len(self.image_sizes) - 1)]
         sizes = tf.constant(self.image_sizes, tf.int32)
         return sizes[tf.minimum(tf.cast(epoch, tf.int32), len(self.image_sizes) - 1)]
 

@@ -9,21 +9,9 @@ reduce-scatter). Every process holds only its own slice of each global batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
-FSDP_AXIS = "fsdp"  # also splits the batch; parameters are sharded over it (ZeRO-3 style)
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+from imagenet_jax.spec import MESH_AXES
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -32,7 +20,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh's axes that split the batch, major to minor: `data`, then `fsdp`."""
-    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    return tuple(axis for axis in MESH_AXES if axis in mesh.axis_names)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -49,7 +49,8 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.parallel.mesh import FSDP_AXIS, replicated
+from imagenet_jax.parallel.mesh import replicated
+from imagenet_jax.spec import FSDP_AXIS
 
 SpecEntry = str | tuple[str, ...] | None
 

@@ -32,7 +32,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from imagenet_jax.parallel.mesh import BATCH_AXES, DATA_AXIS
+from imagenet_jax.spec import DATA_AXIS, MESH_AXES
 
 
 def mesh_from_shape(shape: dict[str, int], dcn_data: int = 1) -> Mesh:
@@ -99,7 +99,7 @@ def describe_grid(grid: np.ndarray | Mesh, axis_names: Sequence[str] | None = No
         axis_names = grid.axis_names
         grid = grid.devices
     if axis_names is None:
-        axis_names = BATCH_AXES[:grid.ndim]
+        axis_names = MESH_AXES[:grid.ndim]
     if len(axis_names) != grid.ndim:
         raise ValueError(f"{grid.ndim} axis names needed for a grid of shape {grid.shape}, "
                          f"got {tuple(axis_names)}")

@@ -84,9 +84,8 @@ def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float)
     return optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with smoothed one-hot targets."""
-    targets = one_hot_targets(labels, logits.shape[-1], label_smoothing)
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """[B] softmax cross-entropy in float32 against [B, C] (soft) targets."""
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -128,7 +127,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         targets = one_hot_targets(labels, logits.shape[-1], label_smoothing)
         if mixed is not None:
             targets = mixing.mixed_targets(targets, mixed)
-        return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+        return cross_entropy(logits, targets)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.model_state)
@@ -154,39 +153,51 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     updates, opt_state = tx.update(grads, with_learning_rate(state.opt_state, learning_rate),
                                    state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite step leaves the state as it was: NaNs never reach a checkpoint. The
-    # loop then stops the run or counts the skip (config.on_nonfinite).
+    ema = state.ema.update(params, model_state, ema_decay) if state.ema is not None else None
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     # In float16 a non-finite gradient is first an overflow of the scale: not an alarm.
     overflow = (state.loss_scale.is_overflow(jnp.isfinite(objective), jnp.isfinite(grad_norm))
                 if scaling else jnp.zeros((), bool))
-    keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    # A skipped step counts in no average; the learning rate and the skip count are the
-    # step's own, outside the mask.
-    average = functools.partial(clu_metrics.Average.from_model_output, mask=mask & finite)
+    updated = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, ema=ema,
+                            loss_scale=state.loss_scale.adjust(finite) if scaling
+                            else state.loss_scale)
     scored_labels = labels if mixed is None else mixed.dominant_labels(labels)
-    metrics = TrainMetrics.empty().replace(
+    metrics = _step_metrics(loss, logits, scored_labels, mask, finite=finite, overflow=overflow,
+                            grad_norm=grad_norm, learning_rate=learning_rate, loss_scale=scale)
+    return _keep_if_finite(updated, state, finite), metrics
+
+
+def _keep_if_finite(updated: TrainState, state: TrainState, finite: jax.Array) -> TrainState:
+    """`updated` after a finite step; after a non-finite one, `state`'s weights, model
+    state, optimizer state and EMA: NaNs never reach a checkpoint. The step count and the
+    loss scale move on either way. The loop then stops the run or counts the skip
+    (config.on_nonfinite)."""
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    return updated.replace(params=keep(updated.params, state.params),
+                           model_state=keep(updated.model_state, state.model_state),
+                           opt_state=keep(updated.opt_state, state.opt_state),
+                           ema=keep(updated.ema, state.ema))
+
+
+def _step_metrics(loss: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                  finite: jax.Array, overflow: jax.Array, grad_norm: jax.Array,
+                  learning_rate: jax.Array, loss_scale: jax.Array) -> TrainMetrics:
+    """The step's TrainMetrics. A skipped step (non-finite) counts in no average; the
+    learning rate and the skip counts are the step's own, outside the mask."""
+    average = functools.partial(clu_metrics.Average.from_model_output, mask=mask & finite)
+    return TrainMetrics.empty().replace(
         loss=average(loss),
-        top1=average(topk_correct(logits, scored_labels, 1)),
-        top5=average(topk_correct(logits, scored_labels, 5)),
+        top1=average(topk_correct(logits, labels, 1)),
+        top5=average(topk_correct(logits, labels, 5)),
         grad_norm=clu_metrics.Average.from_model_output(
             jnp.broadcast_to(grad_norm, labels.shape), mask=jnp.broadcast_to(finite, labels.shape)),
         learning_rate=clu_metrics.LastValue.from_model_output(learning_rate),
         nonfinite_steps=Sum.from_model_output((~finite & ~overflow).astype(jnp.int32)),
         skipped_examples=Sum.from_model_output((~mask).astype(jnp.int32)),
         loss_scale_overflows=Sum.from_model_output(overflow.astype(jnp.int32)),
-        loss_scale=clu_metrics.LastValue.from_model_output(scale),
+        loss_scale=clu_metrics.LastValue.from_model_output(loss_scale),
     )
-    ema = state.ema.update(params, model_state, ema_decay) if state.ema is not None else None
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_finite(params, state.params),
-        model_state=keep_finite(model_state, state.model_state),
-        opt_state=keep_finite(opt_state, state.opt_state),
-        ema=keep_finite(ema, state.ema),
-        loss_scale=state.loss_scale.adjust(finite) if scaling else state.loss_scale,
-    )
-    return new_state, metrics
 
 
 def top_classes(logits: jax.Array, k: int) -> jax.Array:
