@@ -125,8 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.prefetch_batches = 2           # global batches in flight to the devices
     # 'tfds:' datasets: read records in this many reader processes of their own; 0 = in the
     # pipeline's threads, which hold Python's GIL for part of each record and so cap one
-    # process near 12,000-16,000 records/s on any core count; -1 = by core count: none
-    # below 16 cores (reading in threads is cheaper there), then one per 16 (data/records.py).
+    # process's reads whatever its core count (BENCHMARKS.md, "Input at pod scale");
+    # -1 = by core count: none below 16 cores (reading in threads is cheaper there), then
+    # one per 16 (data/records.py).
     c.tfds_read_processes = -1
     # Where the input pipeline runs (data/service.py): '' in this process; 'local:N' on tf.data
     # service with N worker processes on this host; 'grpc://HOST:PORT' on an external

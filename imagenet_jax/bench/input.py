@@ -84,8 +84,8 @@ def bench_input(config: ml_collections.ConfigDict, *, batches: int = 10, repeats
     indices = np.array([i for _, i in examples.take(batches * batch_slice.local_batch_size)
                         .as_numpy_iterator()])
     num_images = len(indices)
-    # Reads are ~10x cheaper than decodes: the read passes go over the examples
-    # READ_REPEATS times, so that building and starting a pipeline is no large part of them.
+    # Reads cost far less than decodes: the read passes go over the examples READ_REPEATS
+    # times, so that building and starting a pipeline is no large part of them.
     reads = np.tile(indices, READ_REPEATS)
 
     def train_host() -> Iterator[dict]:
@@ -256,8 +256,8 @@ def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool,
     else:  # one map, as the pipeline reads and decodes in one map
         read = source.read("train")
         ds = ds.map(lambda i: finish(read(i)[0]), num_parallel_calls=parallelism)
-    # Batched, as the pipeline's output is: one Python step per image (~0.1 ms) would be
-    # the floor measured instead of the reads.
+    # Batched, as the pipeline's output is: one Python step per image would be the floor
+    # measured instead of the reads.
     ds = ds.batch(FLOOR_BATCH).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(pipeline.dataset_options()).as_numpy_iterator()
 

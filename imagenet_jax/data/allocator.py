@@ -4,9 +4,9 @@ By default glibc hands blocks of 128 KB and more straight back to the operating 
 (its mmap and trim thresholds), so nearly every image-sized buffer of the pipeline is
 fresh memory: a TFDS record (~110 KB), a decoded 500x375 crop (~560 KB), a 224-px float
 resize (~600 KB). The first write to each 4 KB page of fresh memory is a page fault,
-and on the cloud VMs measured here that made copying a 118 KB record into a new Python
-`bytes` cost ~70 us instead of ~4 us (BENCHMARKS.md). For TFDS reads this happens while
-holding the GIL, which is what limits how reads scale with cores.
+which can make copying a record into a new Python `bytes` an order of magnitude slower
+than copying it into reused memory (BENCHMARKS.md, "Input at pod scale"). For TFDS reads
+this happens while holding the GIL, which is what limits how reads scale with cores.
 
 `keep_freed_memory()` raises both thresholds, so freed blocks stay in the process and
 are reused: its resident memory stays near its peak instead of returning to the OS

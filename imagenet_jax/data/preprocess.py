@@ -28,10 +28,10 @@ def decode_and_crop(image_bytes: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
     pipeline converts the rare non-JPEG file to JPEG once, when it first meets it
     (`to_jpeg`), so the path every image takes has no format branch.
 
-    No reduced-scale decoding (the decoder's 1/2, 1/4, 1/8 inverse DCT): measured here it
-    saves little, since entropy decoding dominates at ImageNet's bit rates, and it makes
-    large training crops smoother than evaluation's bilinear resize, a train/eval
-    mismatch that cost the demo recipe half its accuracy at 24 px (BENCHMARKS.md).
+    No reduced-scale decoding (the decoder's 1/2, 1/4, 1/8 inverse DCT): it saves little,
+    since entropy decoding dominates at ImageNet's bit rates, and it makes large training
+    crops smoother than evaluation's bilinear resize, a train/eval mismatch that costs
+    accuracy at small resolutions (BENCHMARKS.md, "bench input on 2 CPU cores").
     """
     return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
 

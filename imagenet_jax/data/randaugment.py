@@ -44,7 +44,7 @@ def auto_contrast(image: tf.Tensor, fraction: tf.Tensor, sign: tf.Tensor) -> tf.
     scale = tf.where(flat, 1.0, 255.0 / tf.maximum(high - low, 1.0))
     # A non-integer quotient is at least 1 / 255 below the next integer and float32 errs by
     # ~1e-5, so adding 1e-3 before truncating gives the exact floor (PIL's own floating point
-    # can land one level lower). bias_add, not `-`: broadcasting a [3] vector is ~3x slower.
+    # can land one level lower). bias_add, not `-`: broadcasting a [3] vector is slower.
     return tf.cast(tf.nn.bias_add(pixels, -low) * scale + 1e-3, tf.uint8)
 
 

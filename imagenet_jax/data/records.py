@@ -3,9 +3,9 @@ process or in reader processes of its own.
 
 `ArrayRecordShards` reads records in the calling thread, through array_record's C++
 reader, which releases the GIL while it reads; copying each record into a Python `bytes`
-and then into a string tensor holds it (~60-90 us for a 118 KB record on the VM of
-BENCHMARKS.md), so however many cores a host has, one process reads at most ~12,000-16,000
-records a second this way.
+and then into a string tensor holds it, so however many cores a host has, one process
+reads at most a fixed number of records a second this way (BENCHMARKS.md, "Input at pod
+scale").
 
 `ReaderProcesses` lifts that cap: worker processes read each batch of records into a file
 in shared memory (/dev/shm), and the input pipeline reads that file with
@@ -13,15 +13,15 @@ in shared memory (/dev/shm), and the input pipeline reads that file with
 calls per batch instead of two copies per record. It costs more CPU per record (one more
 copy, and a hand-over between processes), so on a few cores, where decoding is the limit
 long before reading, reading in the pipeline's own threads is faster (BENCHMARKS.md, "TFDS
-reads"): `auto_processes` picks by core count.
+reads in reader processes"): `auto_processes` picks by core count.
 
 Reader processes and the data service (service.py) both take work out of the input
 process, for different cases. Reader processes move the reads only, hand records over
 through this host's memory, and serve a host whose own cores decode enough. The service
 moves the whole pipeline, decoding included, to worker processes on this host or on
 other machines, and serves a run that needs more cores than its host has. On the same
-cores, TFDS through local service workers was the slower of the two where measured
-(BENCHMARKS.md, "Input on tf.data service"), so both stay; a run on the service reads in
+cores, TFDS through local service workers is the slower of the two (BENCHMARKS.md,
+"Input on tf.data service"), so both stay; a run on the service reads in
 its workers' own threads, never in reader processes (assemble.plan).
 
 This module imports no TensorFlow: the workers are started fresh (multiprocessing's
@@ -54,15 +54,15 @@ from imagenet_jax.data import allocator
 
 SLOTS_PREFIX = "imagenet_jax_records."  # + "<pid>.<random>": one folder of slots per pool
 # Below this many cores, reads in the pipeline's threads are cheaper than reader processes
-# and never the limit: at the ~740 images/s a core decodes here (BENCHMARKS.md), 16 cores
-# decode about what one process reads in its own threads.
+# and never the limit: that many cores decode about what one process reads in its own
+# threads (BENCHMARKS.md, "TFDS reads in reader processes", has the rates).
 CORES_PER_READER_PROCESS = 16
 
 
 def auto_processes(cores: int | None = None) -> int:
     """Reader processes for a host of `cores` cores (this one's by default): none below
     CORES_PER_READER_PROCESS, then one per CORES_PER_READER_PROCESS cores (each reads
-    ~10,000 records/s here, more than 16 cores decode)."""
+    more records than that many cores decode)."""
     cores = (os.cpu_count() or 1) if cores is None else cores
     return cores // CORES_PER_READER_PROCESS
 

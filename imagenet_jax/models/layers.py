@@ -49,9 +49,8 @@ class BatchNorm(nnx.BatchNorm):
         running = self.use_running_average if use_running_average is None else use_running_average
         if running or (self.num_groups == 1 and not self.unbiased_running_var):
             # nnx.BatchNorm's own. Computing one group here instead is as exact but rounds
-            # differently, and the tiny recipe's free runs amplify any rounding: 2 processes
-            # x 2 devices against 1 x 4 agree to 2e-7 in the first three steps' losses, then
-            # 9e-5, 9e-4, 5e-3 (tests/test_multiprocess.py compares six steps at 1e-5).
+            # differently, and free-running training amplifies any rounding step by step
+            # (BENCHMARKS.md, "BatchNorm's variance: one pass or two").
             return super().__call__(x, use_running_average, mask=mask)
         if mask is not None:  # nnx.BatchNorm's masked statistics, of the whole batch only
             if self.num_groups > 1 or self.unbiased_running_var:
