@@ -8,7 +8,7 @@ from flax import nnx
 
 from imagenet_jax.data import order, pipeline
 from imagenet_jax.data.feeding import make_global_batch
-from imagenet_jax.parallel import mesh_from_shape
+from imagenet_jax.parallel import compiler_options, mesh_from_shape
 from imagenet_jax.train import assemble, loop, optim, steps
 
 
@@ -75,6 +75,18 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
                                             getattr(after_1, part)) <= 1e-5, part
         # The step moved the parameters: the comparison is not of two unchanged states.
         assert _max_relative_difference(after_1.params, before.params) > 1e-3
+
+
+def test_steps_compute_rsqrt_alike_on_every_cpu():
+    """The steps are compiled with `compiler_options(mesh)`: on CPUs BatchNorm's rsqrt is
+    IEEE's 1/sqrt (two correctly rounded float32 operations), which every x86 CPU
+    computes alike. XLA's default refines a hardware estimate, differently on AMD and
+    Intel; the demo's final accuracy differed between the two (0.988 and 0.976)."""
+    mesh = mesh_from_shape({"data": 1, "fsdp": 1})
+    assert compiler_options(mesh) is not None  # the steps pass these (steps._jit_step)
+    x = np.geomspace(1e-6, 1e6, 65536, dtype=np.float32)
+    got = jax.jit(jax.lax.rsqrt, compiler_options=compiler_options(mesh))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.float32(1) / np.sqrt(x))
 
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from imagenet_jax.parallel import replicated
+from imagenet_jax.parallel import compiler_options, replicated
 from imagenet_jax.parallel.sharding import ShardingRules, follow_params, param_shardings
 from imagenet_jax.train.loss_scale import LossScale
 
@@ -87,7 +87,8 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     shardings = state_shardings(jax.eval_shape(init), mesh, rules)
-    return graphdef, jax.jit(init, out_shardings=shardings)()
+    return graphdef, jax.jit(init, out_shardings=shardings,
+                             compiler_options=compiler_options(mesh))()
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh,

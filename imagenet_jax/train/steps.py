@@ -18,7 +18,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh
 
-from imagenet_jax.parallel import batch_sharding, replicated
+from imagenet_jax.parallel import batch_sharding, compiler_options, replicated
 from imagenet_jax.parallel.sharding import gather_params_first, is_sharded
 from imagenet_jax.train import mixing
 from imagenet_jax.train.optim import with_learning_rate
@@ -280,4 +280,4 @@ def _jit_step(step: Callable, mesh: Mesh, shardings: TrainState, step_kwargs: di
     bound = functools.partial(step, **step_kwargs)
     if is_sharded(shardings.params):
         bound = gather_params_first(bound, mesh, name=step.__name__)
-    return jax.jit(bound, **jit_kwargs)
+    return jax.jit(bound, compiler_options=compiler_options(mesh), **jit_kwargs)
