@@ -95,16 +95,15 @@ def assert_runs_this_config(path: Path, line: str) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from imagenet_jax.cli import COMMAND_FLAGS, DEFAULT_CONFIG
+    from imagenet_jax.cli import COMMANDS, DEFAULT_CONFIG
 
     match = COMMAND.match(line)
     assert match, f"{path.name}: {line!r} is not an imagenet-jax command"
     command, *args = shlex.split(match["args"])
-    assert command in COMMAND_FLAGS, f"{path.name}: {line!r}: no command {command!r}"
+    assert command in COMMANDS, f"{path.name}: {line!r}: no command {command!r}"
     for arg in args:
         name = arg.removeprefix("--").split("=", 1)[0]
-        assert arg.startswith("--") and (name in COMMAND_FLAGS[command] or (
-            name.startswith("config.") and "config.*" in COMMAND_FLAGS[command])), (
+        assert arg.startswith("--") and COMMANDS[command].takes(name), (
             f"{path.name}: {line!r}: {command} takes no {arg!r}")
     named = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
     config_file = named[0] if named else str(DEFAULT_CONFIG.relative_to(REPO))
@@ -174,10 +173,10 @@ def test_parameterised_config_through_the_cli(tmp_path):
 
 
 def test_default_workdir_keeps_the_config_argument():
-    from imagenet_jax.cli import _default_workdir
+    from imagenet_jax.commands import default_workdir
 
-    assert _default_workdir("configs/resnet50.py") == "runs/resnet50"
-    assert _default_workdir("configs/resnet.py:resnet101") == "runs/resnet_resnet101"
+    assert default_workdir("configs/resnet50.py") == "runs/resnet50"
+    assert default_workdir("configs/resnet.py:resnet101") == "runs/resnet_resnet101"
 
 
 @pytest.mark.parametrize("path", CONFIG_PARAMS)

@@ -24,7 +24,7 @@ from imagenet_jax import run_dir, storage
 from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.config import Derived
 from imagenet_jax.console import Console
-from imagenet_jax.data import loader, wordnet
+from imagenet_jax.data import loader, sources, wordnet
 from imagenet_jax.data import service as data_service
 from imagenet_jax.errors import Preempted
 from imagenet_jax.evaluation.predictions import collect_predictions
@@ -38,10 +38,12 @@ from imagenet_jax.train.steps import ClassMap
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       console: Console | None = None) -> dict:
+                       console: Console | None = None,
+                       planned: tuple[sources.Source, Derived] | None = None) -> dict:
     """Trains `config` in `workdir` (a path or gs:// URL) to the end and returns the final
     validation metrics. `console` (the CLI's, on process 0) shows the progress to a person;
-    everything is logged through absl either way.
+    everything is logged through absl either way. `planned`: `assemble.plan(config)` where
+    the caller made it already (the CLI does, before TensorFlow is imported).
 
     Nothing in the workdir is written before its checkpoint is known to fit `config`: a
     mistaken config on a workdir stops with CheckpointMismatch and leaves it as it was.
@@ -49,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     storage.configure()
     console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
-    source, derived = assemble.plan(config)
+    source, derived = planned or assemble.plan(config)
     service = data_service.connect(config.data_service)  # an unreachable one: before the workdir
     try:
         return _train_and_evaluate(config, workdir, console, source, derived, service)
