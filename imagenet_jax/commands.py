@@ -185,7 +185,8 @@ def import_weights(args: list[str]) -> None:
     _join_job()
     from imagenet_jax import models
     from imagenet_jax.config import base_config, set_field
-    from imagenet_jax.weights import WeightsError, import_to_workdir
+    from imagenet_jax.transfer import import_to_workdir
+    from imagenet_jax.weights import WeightsError
 
     explicit = FLAGS["config"].present
     config = FLAGS.config if explicit else base_config()
@@ -211,7 +212,8 @@ def export_weights(args: list[str]) -> None:
         raise ConfigError("usage: imagenet-jax export --workdir=DIR --out=FILE.safetensors "
                           "[--step=N]")
     _join_job()
-    from imagenet_jax.weights import WeightsError, export_from_workdir
+    from imagenet_jax.transfer import export_from_workdir
+    from imagenet_jax.weights import WeightsError
 
     with _as_bad_config(WeightsError):
         result = export_from_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step)

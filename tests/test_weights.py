@@ -127,7 +127,7 @@ def test_a_tensor_left_over_missing_or_misshapen_is_named(tmp_path):
 def test_import_writes_a_step_0_run_that_exports_the_same_file(tmp_path):
     from imagenet_jax.config import base_config
     from imagenet_jax.saved_run import load_config
-    from imagenet_jax.weights import export_from_workdir, import_to_workdir
+    from imagenet_jax.transfer import export_from_workdir, import_to_workdir
 
     path = seeded_file("resnet18", tmp_path)
     config = base_config()
@@ -151,7 +151,7 @@ def test_import_refuses_weights_of_another_class_count_than_the_dataset(tiny_dat
     from conftest import tiny_config
 
     from imagenet_jax.errors import ConfigError
-    from imagenet_jax.weights import import_to_workdir
+    from imagenet_jax.transfer import import_to_workdir
 
     path = seeded_file("resnet18", tmp_path)  # 16 classes; the tiny dataset has 10
     config = tiny_config(tiny_dataset)
