@@ -63,13 +63,13 @@ RUN_TIMEOUT_S=180   # one run never takes longer than this
 
 # label|config file|global batch|XLA_FLAGS|estimated seconds on one H200
 RUNS=(
-  "resnet50|configs/resnet50.py|256||70"
-  "resnet18|configs/resnet18.py|256||40"
+  "resnet50|configs/resnet.py:resnet50|256||70"
+  "resnet18|configs/resnet.py:resnet18|256||40"
   "alexnet|configs/alexnet.py|512||30"
   "vgg16|configs/vgg16.py|128||45"
-  "resnet50+autotune4|configs/resnet50.py|256|--xla_gpu_autotune_level=4|70"
-  "resnet50+lhs|configs/resnet50.py|256|--xla_gpu_enable_latency_hiding_scheduler=true|70"
-  "resnet50-cmdbuf|configs/resnet50.py|256|--xla_gpu_enable_command_buffer=|70"
+  "resnet50+autotune4|configs/resnet.py:resnet50|256|--xla_gpu_autotune_level=4|70"
+  "resnet50+lhs|configs/resnet.py:resnet50|256|--xla_gpu_enable_latency_hiding_scheduler=true|70"
+  "resnet50-cmdbuf|configs/resnet.py:resnet50|256|--xla_gpu_enable_command_buffer=|70"
 )
 
 dry_run=0

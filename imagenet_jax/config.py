@@ -151,14 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# The ResNet family's recipes (configs/resnet.py:ARCH and one file each); they differ only
+# The ResNet family's recipes (configs/resnet.py:ARCH); they differ only
 # in the architecture.
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                 "resnext50_32x4d", "wide_resnet50_2")
 
 
 def resnet_recipe(model: str) -> ml_collections.ConfigDict:
-    """The Goyal et al. (2017) recipe (configs/resnet50.py's docstring tells it) for `model`,
+    """The Goyal et al. (2017) recipe (configs/resnet.py's docstring tells it) for `model`,
     one of RESNET_ARCHS; ConfigError names the valid ones for any other."""
     if model not in RESNET_ARCHS:
         given = f"unknown ResNet architecture {model!r}" if model else "no ResNet architecture"

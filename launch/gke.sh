@@ -23,7 +23,7 @@
 #   WORKDIR          the run's folder (default gs://BUCKET/runs/JOBSET_NAME): written through
 #                    the Cloud Storage API, where a checkpoint commits atomically; a /gcs/...
 #                    path works too (commits are marked by a file, not a rename)
-#   CONFIG           config file in the image (default configs/resnet50.py)
+#   CONFIG           config file in the image (default configs/resnet.py:resnet50)
 #   MAX_RESTARTS     JobSet restarts after a failure or preemption (default 10)
 #   SERVICE_ACCOUNT  Kubernetes service account of the pods (default: default)
 #   NAMESPACE        namespace (default: kubectl's current one)
@@ -126,7 +126,7 @@ common_variables() {
   check_name
   require IMAGE BUCKET
   export WORKDIR=${WORKDIR:-gs://$BUCKET/runs/$JOBSET_NAME}
-  export CONFIG=${CONFIG:-configs/resnet50.py}
+  export CONFIG=${CONFIG:-configs/resnet.py:resnet50}
   export MAX_RESTARTS=${MAX_RESTARTS:-10}
   export SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-default}
   [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS: expected a whole number"

@@ -60,7 +60,7 @@
 # Single host (v5e, 8 chips):
 #   export PROJECT=my-project ZONE=us-west4-a TPU_NAME=rn50 ACCELERATOR_TYPE=v5litepod-8
 #   launch/tpu_vm.sh create && launch/tpu_vm.sh install
-#   launch/tpu_vm.sh run train --config=configs/resnet50.py --config.dataset=folder:/mnt/imagenet
+#   launch/tpu_vm.sh run train --config=configs/resnet.py:resnet50 --config.dataset=folder:/mnt/imagenet
 #   launch/tpu_vm.sh logs
 #   launch/tpu_vm.sh delete
 #
@@ -68,14 +68,14 @@
 #   export PROJECT=my-project ZONE=us-central2-b TPU_NAME=rn50-pod ACCELERATOR_TYPE=v4-32 SPOT=1
 #   export REPO_URL=https://github.com/me/imagenet_jax.git REPO_REF=v0.1.0
 #   launch/tpu_vm.sh create && launch/tpu_vm.sh install
-#   launch/tpu_vm.sh run train --config=configs/resnet50.py --workdir=gs://my-bucket/runs/rn50 \
+#   launch/tpu_vm.sh run train --config=configs/resnet.py:resnet50 --workdir=gs://my-bucket/runs/rn50 \
 #       --config.dataset=folder:/mnt/shared/imagenet
 #   WORKER=all launch/tpu_vm.sh logs
 #
 # The pod slice fed by a data service on two CPU VMs (n2-standard-32, say, in the same zone):
 #   export DATA_SERVICE_HOSTS="cpu-vm-1 cpu-vm-2"
 #   launch/tpu_vm.sh install
-#   launch/tpu_vm.sh run train --config=configs/resnet50.py --workdir=gs://my-bucket/runs/rn50 \
+#   launch/tpu_vm.sh run train --config=configs/resnet.py:resnet50 --workdir=gs://my-bucket/runs/rn50 \
 #       --config.dataset=folder:/mnt/shared/imagenet
 #   launch/tpu_vm.sh stop   # the training, then the workers and the dispatcher
 set -euo pipefail
@@ -226,7 +226,7 @@ install() {
 }
 
 run_training() {
-  (($# > 0)) || die "run needs the imagenet-jax arguments, e.g. run train --config=configs/resnet50.py"
+  (($# > 0)) || die "run needs the imagenet-jax arguments, e.g. run train --config=configs/resnet.py:resnet50"
   local dir args="" arg pid=logs/imagenet-jax.pid log=logs/imagenet-jax.log
   dir=$(remote_dir)
   if [[ $1 == train && ${#data_service_hosts[@]} -gt 0 ]]; then

@@ -589,7 +589,7 @@ def test_tpu_vm_install_copies_this_tree_to_every_worker(tmp_path):
         _assert_targets_the_tpu(call)
         assert _flag(call, "--worker") == "all"
     tree = vm.home / "code" / "imagenet"
-    for name in ("pyproject.toml", "launch/tpu_vm.sh", "configs/resnet50.py"):
+    for name in ("pyproject.toml", "launch/tpu_vm.sh", "configs/resnet.py"):
         assert (tree / name).read_bytes() == (REPO / name).read_bytes(), name
     assert not (tree / ".git").exists() and not (tree / "runs").exists()
     assert not list(vm.home.glob("*.tgz")) and not list(tmp_path.glob("*.tgz")), \
@@ -653,7 +653,7 @@ def _installed_vm(tmp_path: Path, installed_home: Path, hosts: tuple[str, ...] =
 
 def test_tpu_vm_run_starts_imagenet_jax_on_every_worker(tmp_path, installed_home):
     vm, env, tree = _installed_vm(tmp_path, installed_home)
-    args = ["train", "--config=configs/resnet50.py", "--workdir=/mnt/shared/rn50",
+    args = ["train", "--config=configs/resnet.py:resnet50", "--workdir=/mnt/shared/rn50",
             "--config.dataset=folder:/mnt/my imagenet"]
     done = _launch("tpu_vm.sh", ["run", *args], env)
     assert done.returncode == 0, done.stderr
@@ -823,7 +823,7 @@ def test_tpu_vm_run_starts_the_data_service_then_the_training_and_stop_ends_all(
                                   DATA_SERVICE_HOSTS=" ".join(DATA_SERVICE_HOSTS),
                                   DATA_SERVICE_PORT=str(port), TRAIN_SECONDS=str(TIMEOUT_S))
     try:
-        args = ["train", "--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50"]
+        args = ["train", "--config=configs/resnet.py:resnet50", "--workdir=gs://my-bucket/runs/rn50"]
         done = _launch("tpu_vm.sh", ["run", *args], env)
         assert done.returncode == 0, done.stderr
         processes = _processes(vm, 4)
@@ -1002,7 +1002,8 @@ def test_dockerfile_builds_the_image_the_jobsets_run(tmp_path):
         assert accelerator is None or any(accelerator in chosen for *_, chosen in with_extras)
         held, (folder, _, editable) = installs[-1]
         assert f"{folder}/imagenet_jax/train/loop.py" in held and not editable
-        assert posixpath.join(container.get("workingDir", workdir), config) in files
+        config_file = config.partition(":")[0]  # configs/NAME.py[:ARG]
+        assert posixpath.join(container.get("workingDir", workdir), config_file) in files
 
 
 GKE = dict(JOBSET_NAME="rn50", IMAGE="us-docker.pkg.dev/my-project/ml/imagenet-jax:1",
@@ -1128,7 +1129,7 @@ def test_gke_tpu_manifest_runs_one_pod_per_host_of_the_slice(tmp_path):
     assert container["image"] == GKE["IMAGE"]
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert container["command"] == ["imagenet-jax", "train"]
-    assert container["args"] == ["--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50",
+    assert container["args"] == ["--config=configs/resnet.py:resnet50", "--workdir=gs://my-bucket/runs/rn50",
                                  "--config.dataset=folder:/gcs/imagenet"]
     assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
 
@@ -1152,7 +1153,7 @@ def test_gke_gpu_manifest_joins_the_pods_through_pod_zero(tmp_path):
     (container,) = pod["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
     assert container["args"] == [
-        "--config=configs/resnet50.py", "--workdir=gs://my-bucket/runs/rn50",
+        "--config=configs/resnet.py:resnet50", "--workdir=gs://my-bucket/runs/rn50",
         # JobSet pod names: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>
         "--coordinator_address=rn50-workers-0-0.rn50:8482", "--num_processes=4",
         "--process_id=$(JOB_COMPLETION_INDEX)",  # expanded by Kubernetes
@@ -1353,8 +1354,8 @@ def test_sbatch_runs_one_process_per_node_on_all_its_gpus(tmp_path):
     assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"} <= set(srun)
     processes = sorted(call for call in calls if call[0] == "imagenet-jax")
     assert processes == [
-        ["imagenet-jax", "train", "--config=configs/resnet50.py",
-         f"--workdir={REPO}/runs/resnet50", "--coordinator_address=gpu07:24242",
+        ["imagenet-jax", "train", "--config=configs/resnet.py:resnet50",
+         f"--workdir={REPO}/runs/resnet_resnet50", "--coordinator_address=gpu07:24242",
          "--num_processes=2", "--config.batch_size=2048", "--config.dataset=folder:/d",
          "--config.num_epochs=90", f"--process_id={node}", "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]
         for node in (0, 1)]
@@ -1364,7 +1365,7 @@ def test_sbatch_runs_one_process_per_node_on_all_its_gpus(tmp_path):
 @pytest.mark.parametrize("status, requeued", [(0, False), (75, True), (2, False), (3, False)])
 def test_sbatch_requeues_a_preempted_run_only(tmp_path, status, requeued):
     env = _slurm_env(tmp_path, FAKE_EXIT=str(status), WORKDIR="/shared/rn50",
-                     CONFIG="configs/resnet18.py", COORDINATOR_PORT="1234")
+                     CONFIG="configs/resnet.py:resnet18", COORDINATOR_PORT="1234")
     done = _launch("slurm.sbatch", [], env)
     assert done.returncode == status, done.stderr
     calls = _calls(tmp_path)
@@ -1372,7 +1373,7 @@ def test_sbatch_requeues_a_preempted_run_only(tmp_path, status, requeued):
     processes = [call for call in calls if call[0] == "imagenet-jax"]
     assert len(processes) == 2, calls
     for process in processes:
-        assert _flag(process, "--config") == "configs/resnet18.py"
+        assert _flag(process, "--config") == "configs/resnet.py:resnet18"
         assert _flag(process, "--workdir") == "/shared/rn50"
         assert _flag(process, "--coordinator_address") == "gpu07:1234"
 
