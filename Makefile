@@ -18,14 +18,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/imagenet-jax train
 
-# Two pytest workers: many tests wait on subprocesses, sockets and timeouts, which the
-# other worker's tests fill. Tests that share the session's uninterrupted run are one
-# xdist group, so that run is made once.
+# Two pytest workers, a test file each at a time (its fixtures and compiled steps stay
+# with it): many tests wait on subprocesses, sockets and timeouts, which the other
+# worker's tests fill.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m slow
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
 
 # SIGKILL the demo recipe at random steps, restart it, compare with an uninterrupted run.
 chaos: $(STAMP)

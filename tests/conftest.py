@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, quiet TensorFlow, and a tiny demo dataset."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -93,9 +94,19 @@ def resumable_config(dataset_root: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def uninterrupted(tiny_dataset, tmp_path_factory) -> Path:
-    """A finished run of `resumable_flags` on 4 devices: what resumed runs must equal."""
+    """A finished run of `resumable_flags` on 4 devices: what resumed runs must equal.
+    Made once per session, whichever pytest worker (`make test`'s -n 2) asks first; the
+    tests only read it (a finished workdir is never written again)."""
     from chaos import run_to_end
 
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run_to_end(resumable_flags(tiny_dataset), workdir, subprocess_env(4))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    workdir = shared / "uninterrupted"
+    with open(shared / "uninterrupted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker waits here while it is made
+        if not (shared / "uninterrupted.done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            run_to_end(resumable_flags(tiny_dataset), workdir, subprocess_env(4))
+            (shared / "uninterrupted.done").touch()
     return workdir

@@ -286,7 +286,6 @@ def _service_counts(workdir) -> tuple[int, int]:
 # in-process one, the kill-and-resume of the same recipe without the service, and a run on
 # the service through a killed worker and a restarted dispatcher.
 @pytest.mark.slow
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_a_run_on_local_workers_killed_and_resumed_equals_the_uninterrupted_one(
         tiny_dataset, uninterrupted, tmp_path):
     """The resumable recipe (4 devices, 72 steps) with its batches from two local workers,
@@ -300,7 +299,6 @@ def test_a_run_on_local_workers_killed_and_resumed_equals_the_uninterrupted_one(
     assert served + made_here == 72 - report.landed[0].resumed_from and served > 0
 
 
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_a_worker_and_the_dispatcher_killed_mid_run_lose_nothing(tiny_dataset, uninterrupted,
                                                                  tmp_path):
     """An external dispatcher (fault-tolerant, with a journal) and two workers started with

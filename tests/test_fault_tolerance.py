@@ -39,7 +39,6 @@ def _env():
     return subprocess_env(4)
 
 
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_sigterm_then_sigkill_resume_to_identical_parameters(tiny_dataset, uninterrupted,
                                                              tmp_path):
     # Every step logged, so that each signal lands at the step it is scheduled at (the log
@@ -171,7 +170,6 @@ def test_unreadable_checkpoint_falls_back_to_the_previous(tmp_path):
     checkpointer.close()
 
 
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_checkpoint_from_4_devices_restores_on_8_2_and_1_and_into_fsdp_with_the_same_eval(
         tiny_dataset, uninterrupted):
     """The uninterrupted run's checkpoint (4 devices, replicated state) restores on other

@@ -18,8 +18,12 @@ from imagenet_jax.run_dir import read_records
 
 
 def _flags(dataset, workdir, *extra):
+    """Three steps, each logged. Free-running training amplifies rounding step by step: here
+    the two runs' losses agree to 1e-7 in steps 1-4, then 3e-6 and 4e-4 (lr 0.4; the
+    order of the reductions differs with the process count), so the comparison stops
+    where it is well-conditioned and still sees every step's batch and gradients."""
     return ["train", "--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset}",
-            "--config.num_epochs=0.5", "--config.log_every_steps=3", f"--workdir={workdir}",
+            "--config.num_epochs=0.25", "--config.log_every_steps=1", f"--workdir={workdir}",
             *extra]
 
 
@@ -76,9 +80,9 @@ def _assert_console_is_for_people(result: subprocess.CompletedProcess, workdir) 
     for noise in ("Unable to initialize backend", "oneDNN", "absl::InitializeLog"):
         assert noise not in console
     assert not re.search(r"^[IW]\d{4} ", console, re.MULTILINE), "absl-prefixed lines"
-    assert re.search(r"^epoch 0\.\d/0\.5 \| step \d+/6 \| .* \| ETA \S+$", result.stdout,
+    assert re.search(r"^epoch 0\.\d+/0\.25 \| step \d+/3 \| .* \| ETA \S+$", result.stdout,
                      re.MULTILINE), result.stdout
-    assert re.search(r"^eval at step 6 .*\(70 examples\)$", result.stdout, re.MULTILINE)
+    assert re.search(r"^eval at step 3 .*\(70 examples\)$", result.stdout, re.MULTILINE)
     assert re.search(r"^  final\s+\d\.\d{4}\s+\d\.\d{4}", result.stdout, re.MULTILINE)
     logs = list((workdir / "logs").glob("train.*.log"))
     assert len(logs) == 1 and "oneDNN" in logs[0].read_text()

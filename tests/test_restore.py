@@ -22,7 +22,6 @@ def _tree(workdir: Path) -> dict[str, bytes]:
             for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_another_model_on_a_finished_workdir_exits_2_and_changes_nothing(uninterrupted,
                                                                          tiny_dataset, tmp_path):
     workdir = tmp_path / "run"

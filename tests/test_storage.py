@@ -103,7 +103,6 @@ def test_a_folder_dataset_on_gs_trains_like_its_local_copy(bucket, tiny_dataset,
 # Each checkpoint of the tiny state is ~500 objects through the emulator's one-request-
 # at-a-time Python server: 20-75 s apiece, minutes a run; so out of the default suite.
 @pytest.mark.slow
-@pytest.mark.xdist_group("uninterrupted")  # with the fixture's one run (conftest.py)
 def test_a_gs_run_killed_and_resumed_equals_an_uninterrupted_one(bucket, tiny_dataset,
                                                                   tmp_path):
     flags = ["--config=tests/tiny_config.py", f"--config.dataset=folder:{tiny_dataset}",
