@@ -24,7 +24,7 @@ from imagenet_jax.weights import (
 FIXTURE = Path(__file__).parent / "fixtures" / "torchvision_logits.npz"
 # One of each mapping rule in the default run: AlexNet's flatten order (VGG's is the same
 # code at 7x7), GoogLeNet's auxiliary heads and input transform (Inception-v3's are the
-# same), ResNet's renames with basic, bottleneck and grouped blocks. The other 13, the
+# same), ResNet's renames with basic, bottleneck and grouped blocks. The other 15, the
 # same rules deeper or wider (up to 550 MB of VGG weights each), in `make test-slow`.
 DEFAULT = ("alexnet", "googlenet", "resnet18", "resnet50", "resnext50_32x4d")
 SLOW = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
