@@ -123,6 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 'stop' ends the run (exit code 3) and 'skip' counts it and carries on.
     c.on_nonfinite = "stop"
     c.prefetch_batches = 2           # global batches in flight to the devices
+    # On CPUs, compile the steps so that their math rounds alike on every x86 CPU (XLA's
+    # rsqrt otherwise differs between AMD and Intel, and training amplifies it): the same
+    # figures on any machine with the same core count, for a slower step on CPUs
+    # (BENCHMARKS.md, "The demo's figures on other CPUs"). No effect on GPUs and TPUs.
+    c.portable_cpu_math = False
     # 'tfds:' datasets: read records in this many reader processes of their own; 0 = in the
     # pipeline's threads, which hold Python's GIL for part of each record and so cap one
     # process's reads whatever its core count (BENCHMARKS.md, "Input at pod scale");
@@ -308,6 +313,8 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
           f"unknown lr_schedule {config.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
     check(config.optimizer in OPTIMIZERS,
           f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    check(isinstance(config.portable_cpu_math, bool),
+          f"portable_cpu_math must be True or False, got {config.portable_cpu_math!r}")
     check(config.on_nonfinite in ON_NONFINITE,
           f"unknown on_nonfinite {config.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
     check(config.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0, got {config.grad_clip_norm}")

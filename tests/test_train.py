@@ -77,16 +77,35 @@ def test_one_and_eight_devices_train_the_same(tiny_dataset, group_examples):
         assert _max_relative_difference(after_1.params, before.params) > 1e-3
 
 
-def test_steps_compute_rsqrt_alike_on_every_cpu():
-    """The steps are compiled with `compiler_options(mesh)`: on CPUs BatchNorm's rsqrt is
-    IEEE's 1/sqrt (two correctly rounded float32 operations), which every x86 CPU
-    computes alike. XLA's default refines a hardware estimate, differently on AMD and
-    Intel; the demo's final accuracy differed between the two (0.988 and 0.976)."""
+def test_portable_cpu_math_computes_rsqrt_alike_on_every_cpu():
+    """With config.portable_cpu_math the steps are compiled with `compiler_options`: on
+    CPUs BatchNorm's rsqrt is IEEE's 1/sqrt (two correctly rounded float32 operations),
+    which every x86 CPU computes alike. XLA's default refines a hardware estimate,
+    differently on AMD and Intel; the demo's final accuracy differed between the two
+    (0.988 and 0.976)."""
     mesh = mesh_from_shape({"data": 1, "fsdp": 1})
-    assert compiler_options(mesh) is not None  # the steps pass these (steps._jit_step)
+    assert compiler_options(mesh, portable_cpu_math=False) is None
     x = np.geomspace(1e-6, 1e6, 65536, dtype=np.float32)
-    got = jax.jit(jax.lax.rsqrt, compiler_options=compiler_options(mesh))(x)
+    got = jax.jit(jax.lax.rsqrt, compiler_options=compiler_options(mesh, True))(x)
     np.testing.assert_array_equal(np.asarray(got), np.float32(1) / np.sqrt(x))
+
+
+def test_portable_cpu_math_reaches_every_compiled_step(tiny_dataset, monkeypatch):
+    from imagenet_jax.train import state as train_state
+
+    asked = []
+
+    def recording(mesh, portable_cpu_math):
+        asked.append(portable_cpu_math)
+        return compiler_options(mesh, portable_cpu_math)
+
+    monkeypatch.setattr(steps, "compiler_options", recording)
+    monkeypatch.setattr(train_state, "compiler_options", recording)
+    for portable in (True, False):
+        asked.clear()
+        config = tiny_config(tiny_dataset, portable_cpu_math=portable)
+        assemble.build(config, assemble.plan(config)[1], mesh_from_shape({"data": 1, "fsdp": 1}))
+        assert asked == [portable] * 3  # the initial state, the train step, the eval step
 
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):

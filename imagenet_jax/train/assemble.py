@@ -111,11 +111,14 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
     graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
                                          dynamic_loss_scale=dtype == jnp.float16,
                                          rules=ShardingRules.from_config(config),
-                                         ema=config.ema_decay > 0)
-    train_step = jit_train_step(mesh, state, graphdef=graphdef, tx=tx,
+                                         ema=config.ema_decay > 0,
+                                         portable_cpu_math=config.portable_cpu_math)
+    train_step = jit_train_step(mesh, state, portable_cpu_math=config.portable_cpu_math,
+                                graphdef=graphdef, tx=tx,
                                 learning_rate_fn=learning_rate_fn,
                                 label_smoothing=config.label_smoothing, dtype=dtype,
                                 ema_decay=config.ema_decay, mixup_alpha=config.mixup_alpha,
                                 cutmix_alpha=config.cutmix_alpha)
-    eval_step = jit_eval_step(mesh, state, graphdef=graphdef, dtype=dtype)
+    eval_step = jit_eval_step(mesh, state, portable_cpu_math=config.portable_cpu_math,
+                              graphdef=graphdef, dtype=dtype)
     return Run(graphdef, state, train_step, eval_step, learning_rate_fn)

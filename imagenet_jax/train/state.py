@@ -66,7 +66,8 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
                        tx: optax.GradientTransformation, mesh: Mesh, seed: int, *,
                        rules: ShardingRules | None = None, dynamic_loss_scale: bool = False,
-                       ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+                       ema: bool = False, portable_cpu_math: bool = False
+                       ) -> tuple[nnx.GraphDef, TrainState]:
     """Initialises the model and optimizer on the devices, laid out by `state_shardings`.
 
     `jax.jit(..., out_shardings=...)` makes every array where it will live: no
@@ -88,7 +89,7 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     shardings = state_shardings(jax.eval_shape(init), mesh, rules)
     return graphdef, jax.jit(init, out_shardings=shardings,
-                             compiler_options=compiler_options(mesh))()
+                             compiler_options=compiler_options(mesh, portable_cpu_math))()
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh,

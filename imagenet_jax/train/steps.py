@@ -253,31 +253,34 @@ def score_logits(logits: jax.Array, labels: jax.Array, class_map: ClassMap) -> d
     }
 
 
-def jit_train_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
+def jit_train_step(mesh: Mesh, abstract_state: TrainState, *, portable_cpu_math: bool = False,
+                   **step_kwargs) -> Callable:
     """`train_step` compiled for `mesh`: state donated, batch split over the batch axes.
 
     The state keeps the layout `abstract_state` has (its arrays' or shape structs'
     shardings, from `create_train_state`): replicated, or fsdp-sharded by the rules.
     """
     shardings = shardings_of(abstract_state)
-    return _jit_step(train_step, mesh, shardings, step_kwargs,
+    return _jit_step(train_step, mesh, shardings, step_kwargs, portable_cpu_math,
                      in_shardings=(shardings, batch_sharding(mesh)),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(mesh: Mesh, abstract_state: TrainState, **step_kwargs) -> Callable:
+def jit_eval_step(mesh: Mesh, abstract_state: TrainState, *, portable_cpu_math: bool = False,
+                  **step_kwargs) -> Callable:
     """`eval_step` compiled for `mesh`, the state where `abstract_state` keeps it."""
     shardings = shardings_of(abstract_state)
-    return _jit_step(eval_step, mesh, shardings, step_kwargs,
+    return _jit_step(eval_step, mesh, shardings, step_kwargs, portable_cpu_math,
                      in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                      out_shardings=replicated(mesh))
 
 
 def _jit_step(step: Callable, mesh: Mesh, shardings: TrainState, step_kwargs: dict,
-              **jit_kwargs) -> Callable:
+              portable_cpu_math: bool, **jit_kwargs) -> Callable:
     """`step` with its keyword arguments bound, jitted; under fsdp its parameters are
     gathered whole first (parallel/sharding.py)."""
     bound = functools.partial(step, **step_kwargs)
     if is_sharded(shardings.params):
         bound = gather_params_first(bound, mesh, name=step.__name__)
-    return jax.jit(bound, compiler_options=compiler_options(mesh), **jit_kwargs)
+    return jax.jit(bound, compiler_options=compiler_options(mesh, portable_cpu_math),
+                   **jit_kwargs)
