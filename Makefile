@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow chaos lint clean
+.PHONY: setup demo demo-transfer test test-slow chaos lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/imagenet-jax train
+
+# Fine-tuning from the demo's weights against scratch and a linear probe (the README's
+# table); trains the demo first if runs/demo holds no run.
+demo-transfer: $(STAMP)
+	test -d runs/demo/checkpoints || $(BIN)/imagenet-jax train
+	$(BIN)/python scripts/demo_transfer.py
 
 # Two pytest workers, a test file each at a time (its fixtures and compiled steps stay
 # with it): many tests wait on subprocesses, sockets and timeouts, which the other

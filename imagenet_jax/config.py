@@ -153,6 +153,37 @@ def base_config() -> ml_collections.ConfigDict:
     # or xprof). 0 steps = off. Start after compilation and warm-up: step 1 compiles.
     c.profile_start_step = 10
     c.profile_num_steps = 0
+
+    # Fine-tuning (train/init_from.py; docs/training.md, "Fine-tuning").
+    # Start from other weights: '' (from scratch), a workdir (PATH: its latest checkpoint;
+    # PATH@STEP; the EMA weights where the run kept them, PATH@STEP:raw or PATH@latest:raw
+    # for the raw ones) or a torchvision weights file (.safetensors; .pth/.pt with torch).
+    # Only a fresh workdir takes it: one with a checkpoint of its own resumes from that.
+    c.init_from = ""
+    # The classifier (and auxiliary heads) of the source: 'keep' it (same classes),
+    # 'reset' it (new weights for this dataset's classes), 'keep_subset' (this dataset's
+    # classes are some of the source's, by name: their rows), or 'auto': keep when the
+    # class names are the source's, keep_subset when they are some of them, else reset.
+    c.init_head = "auto"
+    # Parameters fixed for the whole run: a regex searched in each '/'-joined parameter
+    # path ('stages/0/0/conv1/conv/kernel'); matched parameters get no update, no weight
+    # decay and no optimizer state, and a BatchNorm layer whose scale is matched keeps
+    # its statistics too (it normalises with them). '^(?!fc/)' trains only a ResNet's
+    # head: a linear probe. '' = everything trains.
+    c.freeze = ""
+    # ((regex, factor), ...): the learning rate of the parameters whose path the regex
+    # matches (first match wins) times factor, e.g. (('^(?!fc/)', 0.1),) for a backbone
+    # at a tenth of the head's rate; as a PyTorch parameter group's lr, weight decay
+    # included. () = one rate for all.
+    c.lr_multipliers = ()
+    # Every BatchNorm layer normalises with its running statistics in training too and
+    # never updates them (small batches of a new dataset); its scale and bias still train.
+    c.batchnorm_frozen = False
+    # BiT-HyperRule (Kolesnikov et al. 2020): the run's length, warmup and learning-rate
+    # steps, resolution and mixup chosen from the dataset's size and images at run time
+    # (train/hyperrule.py), in place of num_epochs, warmup_epochs, lr_schedule,
+    # image_size and mixup_alpha.
+    c.bit_hyperrule = False
     return c
 
 
@@ -351,6 +382,7 @@ def validate(config: ml_collections.ConfigDict, *, model_names: list[str], num_d
     check(isinstance(config.batchnorm_unbiased_var, bool),
           f"batchnorm_unbiased_var must be true or false, got {config.batchnorm_unbiased_var!r}")
     validate_recipe(config)
+    validate_fine_tuning(config)
     validate_sharding(config, shape)
 
 
@@ -385,6 +417,36 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
           f"batchnorm_group_examples={group!r} must be 0 (the whole batch) or divide "
           f"batch_size={config.batch_size} (a batch no larger than a group is one group)")
     validate_progressive_resize(config.progressive_resize)
+
+
+HEAD_MODES = ("auto", "keep", "reset", "keep_subset")
+
+
+def validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
+    """init_from, init_head, freeze, lr_multipliers and batchnorm_frozen, as far as they
+    can be checked without the parameters (their regexes are matched against them when the
+    run is planned) or the source (read when the run starts)."""
+    if not isinstance(config.init_from, str):
+        raise ConfigError(f"init_from must be a path (a workdir or a weights file) or '', got "
+                          f"{config.init_from!r}")
+    if config.init_head not in HEAD_MODES:
+        raise ConfigError(f"unknown init_head {config.init_head!r}; valid: "
+                          f"{', '.join(HEAD_MODES)}")
+    patterns = [("freeze", config.freeze)] if config.freeze else []
+    form = "lr_multipliers is ((regex, factor), ...) with factors >= 0, e.g. (('^(?!fc/)', 0.1),)"
+    for entry in config.lr_multipliers:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and entry[1] >= 0):
+            raise ConfigError(f"{form}; got {entry!r}")
+        patterns.append(("lr_multipliers", entry[0]))
+    for name, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{name}: bad regex {pattern!r}: {e}") from None
+    for name in ("batchnorm_frozen", "bit_hyperrule"):
+        if not isinstance(config[name], bool):
+            raise ConfigError(f"{name} must be True or False, got {config[name]!r}")
 
 
 def validate_progressive_resize(schedule: ml_collections.ConfigDict) -> None:
@@ -480,7 +542,8 @@ def derive(config: ml_collections.ConfigDict, *, num_classes: int, num_train_exa
         num_train_examples=num_train_examples,
         num_eval_examples=num_eval_examples,
         steps_per_epoch=epoch_steps,
-        num_train_steps=max(1, math.ceil(config.num_epochs * epoch_steps)),
+        # (Rounded first: a length given in steps, as epochs (hyperrule.py), is that many.)
+        num_train_steps=max(1, math.ceil(round(config.num_epochs * epoch_steps, 6))),
         warmup_steps=round(config.warmup_epochs * epoch_steps),
         eval_every_steps=max(1, round(config.eval_every_epochs * epoch_steps)),
         peak_learning_rate=config.learning_rate * config.batch_size / 256,

@@ -11,13 +11,14 @@ DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-DATASET_FORMS = ("'demo', 'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
+DATASET_FORMS = ("'demo', 'demo_transfer' (the fine-tuning demonstration's), "
+                 "'folder:/path/to/root' (with root/train/<class>/*, root/val/<class>/*), "
                  "'tfds:NAME' (e.g. tfds:imagenet2012) or 'synthetic[:classes=N,train=N,val=N]'")
 
 
 def parse_dataset(spec: str) -> tuple[str, str]:
     """Splits `spec` into (kind, argument); raises ValueError naming the valid forms."""
-    if spec in ("demo", "synthetic"):
+    if spec in ("demo", "demo_transfer", "synthetic"):
         return spec, ""
     kind, sep, arg = spec.partition(":")
     if kind in ("folder", "tfds", "synthetic") and sep and arg:

@@ -15,6 +15,7 @@ from imagenet_jax.weights import (
     AUX_PREFIXES,
     TORCHVISION_MODELS,
     WeightsError,
+    imagenet_or_numbered,
     load_torchvision,
     save_torchvision,
     tensors_classes,
@@ -34,7 +35,6 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     """
     from imagenet_jax import checkpoint, run_dir
     from imagenet_jax.config import derive
-    from imagenet_jax.data import wordnet
     from imagenet_jax.errors import ConfigError
     from imagenet_jax.parallel import mesh_from_shape
     from imagenet_jax.train import assemble
@@ -49,9 +49,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
             config.model_options.aux_logits = aux_head is not None
             config.model_options.transform_input = bool(model.transform_input)
     num_classes = tensors_classes(model)
-    imagenet = sorted(w for w, s in wordnet.load().synsets.items() if s.is_class)
-    class_names = tuple(imagenet) if num_classes == 1000 else tuple(
-        f"class_{i}" for i in range(num_classes))
+    class_names = imagenet_or_numbered(num_classes)
     source = derived = None
     if open_dataset:
         try:
@@ -61,8 +59,9 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
     if source is not None:
         if source.num_classes != num_classes:
             raise ConfigError(f"the weights have {num_classes} classes and dataset "
-                              f"{config.dataset!r} {source.num_classes}; fine-tuning to other "
-                              "classes needs a new head, which import does not make")
+                              f"{config.dataset!r} {source.num_classes}; to fine-tune onto "
+                              "other classes, train a new workdir with "
+                              f"--config.init_from={weights} (a new head is made)")
         class_names = tuple(source.class_names)
     else:
         derived = derive(config, num_classes=num_classes, num_train_examples=config.batch_size,

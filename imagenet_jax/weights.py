@@ -251,3 +251,13 @@ def tensors_classes(model: nnx.Module) -> int:
     """The number of classes of a zoo model: its last classifier's outputs."""
     head = model.fc if hasattr(model, "fc") else model.classifier[-1]
     return int(head.kernel.shape[-1])
+
+
+def imagenet_or_numbered(num_classes: int) -> tuple[str, ...]:
+    """The classes of a weights file, which holds no names: ImageNet-1k's wnids, sorted
+    (torchvision's order), for 1,000 outputs; class_0, class_1, ... otherwise."""
+    if num_classes == 1000:
+        from imagenet_jax.data import wordnet
+
+        return tuple(sorted(w for w, s in wordnet.load().synsets.items() if s.is_class))
+    return tuple(f"class_{i}" for i in range(num_classes))

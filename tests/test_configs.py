@@ -39,7 +39,8 @@ SLOW_CONFIGS = {"resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50
 # Configs whose architecture is resnet50 differ from configs/resnet.py:resnet50 in their
 # recipe (LARS, LAMB, EMA, RandAugment, mixup, progressive sizes): they train ResNet-tiny,
 # so the test pays for the recipe, not for compiling ResNet-50 three more times.
-RECIPE_CONFIGS = {"resnet50_mlperf", "resnet50_ffcv", "resnet50_rsb_a3"}
+RECIPE_CONFIGS = {"resnet50_mlperf", "resnet50_ffcv", "resnet50_rsb_a3", "finetune",
+                  "linear_probe"}
 CONFIG_PARAMS = [
     pytest.param(path, arg, id=arg or path.stem,
                  marks=[pytest.mark.slow] if (arg or path.stem) in SLOW_CONFIGS else [])
@@ -197,6 +198,8 @@ def test_config_trains_one_step_and_evaluates(path, arg, tiny_dataset):
         config.progressive_resize.update(start_size=config.image_size,
                                          end_size=config.image_size + 16, step=8)
     config.batch_size = config.eval_batch_size = 4
+    # BiT-HyperRule would pick 480 px for these images (its choices: test_finetune).
+    config.bit_hyperrule = False
     config.mesh.data = 1  # one device: the cheapest place to build the big models
     if config.model == "inception_v3":
         config.model_options.aux_logits = False  # its aux head needs 299 px (googlenet's runs)

@@ -104,7 +104,8 @@ def test_sharding_rejects_uneven_process_split():
 
 
 def test_unknown_dataset_names_valid_forms():
-    with pytest.raises(ValueError, match="valid forms: 'demo', 'folder:.*'tfds:NAME'.*'synthetic"):
+    with pytest.raises(ValueError, match="valid forms: 'demo', 'demo_transfer'.*'folder:.*"
+                                         "'tfds:NAME'.*'synthetic"):
         spec.parse_dataset("imagenet")
 
 

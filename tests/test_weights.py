@@ -156,6 +156,7 @@ def test_import_refuses_weights_of_another_class_count_than_the_dataset(tiny_dat
     path = seeded_file("resnet18", tmp_path)  # 16 classes; the tiny dataset has 10
     config = tiny_config(tiny_dataset)
     with pytest.raises(ConfigError, match="the weights have 16 classes and dataset .* 10; "
-                                          "fine-tuning to other classes needs a new head"):
+                                          "to fine-tune onto other classes, train a new "
+                                          "workdir with --config.init_from="):
         import_to_workdir("resnet18", path, tmp_path / "run", config)
     assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ by mean colour, only by shape. Generation is deterministic in (split, index).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -35,26 +36,54 @@ SPLIT_SIZES = {"train": 300, "val": 50}  # images per class
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 
 
-def default_root() -> Path:
-    """Where the demo dataset lives: $IMAGENET_JAX_DATA or ~/.cache/imagenet_jax."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A generated dataset: its classes (ImageNet wnids as folder names, a shape each) and
+    its images per class and split."""
+
+    name: str
+    wnids: tuple[str, ...]
+    shapes: tuple[str, ...]
+    split_sizes: dict
+    seed: int  # apart from the split's and the example's: the variants draw other images
+
+
+DEMO = Variant("demo", WNIDS, SHAPES, SPLIT_SIZES, seed=0)
+# The fine-tuning demonstration's dataset ('demo_transfer'): ten other shapes, drawn the
+# same way (backgrounds, clutter, noise, colours), with a tenth of the demo's training
+# images: where weights learnt on the demo help. Its folders are the next ten ImageNet-1k
+# synsets (brambling ... chickadee), none of the demo's.
+TRANSFER = Variant(
+    "demo_transfer",
+    ("n01530575", "n01531178", "n01532829", "n01534433", "n01537544",
+     "n01558993", "n01560419", "n01580077", "n01582220", "n01592084"),
+    ("ellipse", "hexagon", "cross", "arrow", "crescent",
+     "frame", "diamond", "bars", "hatch", "rings"),
+    {"train": 30, "val": 50}, seed=7)
+VARIANTS = {variant.name: variant for variant in (DEMO, TRANSFER)}
+
+
+def default_root(variant: Variant = DEMO) -> Path:
+    """Where a generated dataset lives: $IMAGENET_JAX_DATA or ~/.cache/imagenet_jax."""
     base = os.environ.get("IMAGENET_JAX_DATA") or Path.home() / ".cache" / "imagenet_jax"
-    return Path(base) / f"demo_v{VERSION}"
+    return Path(base) / f"{variant.name}_v{VERSION}"
 
 
-def ensure_demo_dataset(root: Path | None = None) -> Path:
-    """Generates the demo dataset at `root` unless it is already complete.
+def ensure_demo_dataset(root: Path | None = None, variant: Variant = DEMO) -> Path:
+    """Generates the demo dataset (or another `variant`) at `root` unless it is already
+    complete.
 
     Safe to call from several processes at once: each writes into a private
     temporary folder and renames it into place; the first rename wins.
     """
-    root = Path(root) if root is not None else default_root()
+    root = Path(root) if root is not None else default_root(variant)
     if (root / "COMPLETE").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp.", dir=root.parent))
     try:
         logging.info("Generating the demo dataset into %s", root)
-        write_demo_dataset(tmp)
+        write_demo_dataset(tmp, variant=variant)
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             tmp.rename(root)
@@ -67,22 +96,25 @@ def ensure_demo_dataset(root: Path | None = None) -> Path:
     return root
 
 
-def write_demo_dataset(root: Path, split_sizes: dict[str, int] | None = None) -> None:
+def write_demo_dataset(root: Path, split_sizes: dict[str, int] | None = None,
+                       variant: Variant = DEMO) -> None:
     """Writes every split's JPEGs under `root` (which must exist)."""
-    split_sizes = split_sizes or SPLIT_SIZES
-    lines = [f"{wnid} {shape}" for wnid, shape in zip(WNIDS, SHAPES, strict=True)]
+    split_sizes = split_sizes or variant.split_sizes
+    lines = [f"{wnid} {shape}" for wnid, shape in zip(variant.wnids, variant.shapes, strict=True)]
     (root / "classes.txt").write_text("\n".join(lines) + "\n")
     for split, per_class in split_sizes.items():
-        for label, wnid in enumerate(WNIDS):
+        for label, wnid in enumerate(variant.wnids):
             class_dir = root / split / wnid
             class_dir.mkdir(parents=True, exist_ok=True)
             for n in range(per_class):
-                rng = np.random.default_rng([_SPLIT_SEEDS[split], label, n])
-                image = render_example(label, rng)
+                # (The demo's seeds as they always were: its images do not change.)
+                seed = [_SPLIT_SEEDS[split], label, n] + ([variant.seed] if variant.seed else [])
+                image = render_example(label, np.random.default_rng(seed), variant.shapes)
                 image.save(class_dir / f"{wnid}_{n}.JPEG", quality=90)
 
 
-def render_example(label: int, rng: np.random.Generator) -> Image.Image:
+def render_example(label: int, rng: np.random.Generator,
+                   shapes: tuple[str, ...] = SHAPES) -> Image.Image:
     """One image of class `label`: shape over a cluttered, noisy background."""
     short = int(rng.integers(72, 129))
     aspect = float(rng.uniform(0.75, 4 / 3))
@@ -97,7 +129,7 @@ def render_example(label: int, rng: np.random.Generator) -> Image.Image:
     size = float(rng.uniform(0.45, 0.75)) * min(width, height)
     cx = float(rng.uniform(size / 2, width - size / 2))
     cy = float(rng.uniform(size / 2, height - size / 2))
-    _draw_shape(image, draw, SHAPES[label], cx, cy, size, tuple(foreground), rng)
+    _draw_shape(image, draw, shapes[label], cx, cy, size, tuple(foreground), rng)
     pixels = np.asarray(image, np.float32) + rng.normal(0, 10, (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -166,8 +198,59 @@ def _draw_shape(image, draw, shape, cx, cy, size, colour, rng) -> None:
     elif shape == "half_disk":
         start = float(rng.choice([0.0, 180.0])) + math.degrees(tilt)
         draw.pieslice(box, start, start + 180, fill=colour)
+    elif shape in _OUTLINES:
+        points = _OUTLINES[shape](r)
+        draw.polygon(_rotated(points, cx, cy, tilt + float(rng.uniform(0, math.pi))),
+                     fill=colour)
+    elif shape == "frame":
+        corners = [(-r * 0.8, -r * 0.8), (r * 0.8, -r * 0.8), (r * 0.8, r * 0.8),
+                   (-r * 0.8, r * 0.8)]
+        draw.polygon(_rotated(corners, cx, cy, tilt), outline=colour, width=max(2, int(r * 0.25)))
+    elif shape == "rings":
+        for radius in (r, r * 0.55):
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour,
+                         width=max(2, int(r * 0.16)))
     else:
         _draw_texture(image, shape, box, colour, rng)
+
+
+def _ellipse(r: float) -> list[tuple[float, float]]:
+    return [(r * math.cos(a), 0.45 * r * math.sin(a))
+            for a in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
+
+
+def _regular(sides: int, r: float) -> list[tuple[float, float]]:
+    return [(r * math.cos(2 * math.pi * k / sides), r * math.sin(2 * math.pi * k / sides))
+            for k in range(sides)]
+
+
+def _crescent(r: float) -> list[tuple[float, float]]:
+    outer = [(r * math.cos(a), r * math.sin(a)) for a in np.linspace(-2.2, 2.2, 24)]
+    inner = [(0.35 * r + 0.75 * r * math.cos(a), 0.75 * r * math.sin(a))
+             for a in np.linspace(2.0, -2.0, 24)]
+    return outer + inner
+
+
+def _bars(r: float) -> list[tuple[float, float]]:
+    t = r * 0.22  # two parallel bars, joined by a hairline so that one polygon draws both
+    return [(-r, -r), (-r + 2 * t, -r), (-r + 2 * t, r), (r - 2 * t, r), (r - 2 * t, -r),
+            (r, -r), (r, r), (-r, r)]
+
+
+# Filled outlines of the transfer dataset's shapes, centred at 0, within radius r.
+_OUTLINES = {
+    "ellipse": _ellipse,
+    "hexagon": lambda r: _regular(6, r),
+    "cross": lambda r: _rotated([(x, y) for x, y in [
+        (-0.25 * r, -r), (0.25 * r, -r), (0.25 * r, -0.25 * r), (r, -0.25 * r), (r, 0.25 * r),
+        (0.25 * r, 0.25 * r), (0.25 * r, r), (-0.25 * r, r), (-0.25 * r, 0.25 * r),
+        (-r, 0.25 * r), (-r, -0.25 * r), (-0.25 * r, -0.25 * r)]], 0, 0, math.pi / 4),
+    "arrow": lambda r: [(-r, -0.2 * r), (0.2 * r, -0.2 * r), (0.2 * r, -0.6 * r), (r, 0),
+                        (0.2 * r, 0.6 * r), (0.2 * r, 0.2 * r), (-r, 0.2 * r)],
+    "crescent": _crescent,
+    "diamond": lambda r: [(0, -r), (0.5 * r, 0), (0, r), (-0.5 * r, 0)],
+    "bars": _bars,
+}
 
 
 def _draw_texture(image, shape, box, colour, rng) -> None:
@@ -176,7 +259,10 @@ def _draw_texture(image, shape, box, colour, rng) -> None:
     w, h = x1 - x0, y1 - y0
     period = max(4.0, float(rng.uniform(0.18, 0.3)) * w)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    if shape == "stripes":
+    if shape == "hatch":  # thin lines along both diagonals
+        width = max(1.0, period / 6)
+        mask = (((xs + ys) % period) < width) | (((xs - ys) % period) < width)
+    elif shape == "stripes":
         angle = float(rng.choice([0.0, math.pi / 2])) + float(rng.uniform(-0.3, 0.3))
         mask = ((xs * math.cos(angle) + ys * math.sin(angle)) // (period / 2)) % 2 == 0
     elif shape == "checkerboard":

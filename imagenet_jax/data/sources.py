@@ -2,6 +2,7 @@
 
 `config.dataset` picks one:
   demo               the generated demo dataset (a folder in ImageNet's layout)
+  demo_transfer      another, ten other classes of the same kind of images (fine-tuning)
   folder:/path/root  any folder laid out as `root/<split>/<class>/<image>`, read
                      straight from the files (no preparation step); a gs://BUCKET/PATH
                      root is listed once and read through gcsfs, many objects a call
@@ -139,8 +140,8 @@ def get_source(spec: str, data_dir: str | None = None, tfds_read_processes: int 
         processes = (records.auto_processes() if tfds_read_processes == -1
                      else tfds_read_processes)
         return tfds_source.open_tfds(arg, data_dir, read_processes=processes)
-    if kind == "demo":
-        return open_folder(demo.ensure_demo_dataset())
+    if kind in demo.VARIANTS:
+        return open_folder(demo.ensure_demo_dataset(variant=demo.VARIANTS[kind]))
     return open_folder(arg if storage.is_url(arg) else Path(arg).expanduser())
 
 

@@ -27,6 +27,8 @@ evaluation (`use_running_average`), are nnx.BatchNorm's own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,9 +45,14 @@ class BatchNorm(nnx.BatchNorm):
         # per feature), as torch's BatchNorm does; flax's uses the biased variance. The
         # normalisation itself is the same either way.
         self.unbiased_running_var = unbiased_running_var
+        # Fixed (fine-tuning: config.freeze, batchnorm_frozen): normalises with the running
+        # statistics in training too, and never updates them.
+        self.frozen = False
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
+        if self.frozen:
+            use_running_average = True
         running = self.use_running_average if use_running_average is None else use_running_average
         if running or (self.num_groups == 1 and not self.unbiased_running_var):
             # nnx.BatchNorm's own. Computing one group here instead is as exact but rounds
@@ -148,4 +155,17 @@ def set_batchnorm_groups(model: nnx.Module, num_groups: int,
         elif isinstance(module, nnx.BatchNorm) and (num_groups > 1 or unbiased_running_var):
             raise TypeError(f"{'/'.join(map(str, path))} is an nnx.BatchNorm; use "
                             "imagenet_jax.models.layers.BatchNorm to group its statistics")
+    return model
+
+
+def freeze_batchnorm(model: nnx.Module, is_frozen: Callable[[str], bool]) -> nnx.Module:
+    """Fixes (in place) every BatchNorm of `model` for which `is_frozen(path)` holds, `path`
+    its module path ('stages/0/0/conv1/bn'), and returns the model."""
+    for path, module in nnx.iter_modules(model):
+        name = "/".join(map(str, path))
+        if isinstance(module, BatchNorm):
+            module.frozen = is_frozen(name)
+        elif isinstance(module, nnx.BatchNorm) and is_frozen(name):
+            raise TypeError(f"{name} is an nnx.BatchNorm; use imagenet_jax.models.layers."
+                            "BatchNorm to fix its statistics")
     return model

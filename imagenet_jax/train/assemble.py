@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagenet_jax import models
-from imagenet_jax.config import Derived, derive, validate
+from imagenet_jax.config import Derived, derive, steps_per_epoch, validate
 from imagenet_jax.data import sources
 from imagenet_jax.errors import ConfigError
-from imagenet_jax.models.layers import batchnorm_groups, set_batchnorm_groups
-from imagenet_jax.parallel.sharding import ShardingRules
-from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer
+from imagenet_jax.models.layers import batchnorm_groups, freeze_batchnorm, set_batchnorm_groups
+from imagenet_jax.parallel.sharding import ShardingRules, path_name
+from imagenet_jax.train import hyperrule
+from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer, frozen_mask
 from imagenet_jax.train.state import TrainState, create_train_state
 from imagenet_jax.train.steps import jit_eval_step, jit_train_step
 
@@ -50,12 +53,53 @@ def plan(config: ml_collections.ConfigDict) -> tuple[sources.Source, Derived]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"dataset {config.dataset!r}: {e}") from None
     check_processes_see_the_same(source, config.dataset)
+    if config.bit_hyperrule:
+        apply_hyperrule(config, source)
     derived = derive(config, num_classes=source.num_classes,
                      num_train_examples=source.num_examples("train"),
                      num_eval_examples=source.num_examples("val"),
                      num_devices=jax.device_count(), num_processes=jax.process_count(),
                      platform=jax.devices()[0].platform)
+    check_parameter_patterns(config, derived.num_classes)
     return source, derived
+
+
+def apply_hyperrule(config: ml_collections.ConfigDict, source: sources.Source) -> None:
+    """Sets the fields BiT-HyperRule chooses for `source` (hyperrule.py), and logs them."""
+    num_examples = source.num_examples("train")
+    choices = hyperrule.choose(num_examples, hyperrule.mean_image_area(source))
+    epoch_steps = steps_per_epoch(num_examples, config.batch_size)
+    if epoch_steps == 0:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the training split "
+                          f"({num_examples} examples)")
+    hyperrule.apply(config, choices, epoch_steps)
+    logging.info("%s", choices.describe())
+
+
+def parameter_names(config: ml_collections.ConfigDict, num_classes: int) -> list[str]:
+    """The '/'-joined paths of the model's parameters, as freeze and lr_multipliers see them."""
+    abstract = nnx.eval_shape(lambda: models.create(
+        config.model, num_classes=num_classes, rngs=nnx.Rngs(0), **config.model_options))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def check_parameter_patterns(config: ml_collections.ConfigDict, num_classes: int) -> None:
+    """ConfigError for a freeze or lr_multipliers regex that finds no parameter (a typo
+    would otherwise train everything as usual), or a freeze that finds them all."""
+    patterns = [("freeze", config.freeze)] if config.freeze else []
+    patterns += [("lr_multipliers", pattern) for pattern, _ in config.lr_multipliers]
+    if not patterns:
+        return
+    names = parameter_names(config, num_classes)
+    for field, pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            raise ConfigError(
+                f"{field}: {pattern!r} matches no parameter of {config.model} (searched in "
+                f"'/'-joined paths such as {names[0]!r} and {names[-1]!r})")
+    if config.freeze and all(re.search(config.freeze, name) for name in names):
+        raise ConfigError(f"freeze: {config.freeze!r} matches every parameter of "
+                          f"{config.model}: nothing would train")
 
 
 def check_processes_see_the_same(source: sources.Source, spec: str) -> None:
@@ -106,7 +150,9 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
         model = models.create(config.model, num_classes=derived.num_classes, dtype=dtype,
                               rngs=rngs, **config.model_options)
-        return set_batchnorm_groups(model, bn_groups, config.batchnorm_unbiased_var)
+        model = set_batchnorm_groups(model, bn_groups, config.batchnorm_unbiased_var)
+        return freeze_batchnorm(model, lambda path: config.batchnorm_frozen or bool(
+            config.freeze and re.search(config.freeze, f"{path}/scale")))
 
     graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
                                          dynamic_loss_scale=dtype == jnp.float16,
@@ -118,7 +164,9 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
                                 learning_rate_fn=learning_rate_fn,
                                 label_smoothing=config.label_smoothing, dtype=dtype,
                                 ema_decay=config.ema_decay, mixup_alpha=config.mixup_alpha,
-                                cutmix_alpha=config.cutmix_alpha)
+                                cutmix_alpha=config.cutmix_alpha,
+                                frozen=frozen_mask(config.freeze, state.params)
+                                if config.freeze else None)
     eval_step = jit_eval_step(mesh, state, portable_cpu_math=config.portable_cpu_math,
                               graphdef=graphdef, dtype=dtype)
     return Run(graphdef, state, train_step, eval_step, learning_rate_fn)

@@ -30,7 +30,7 @@ from imagenet_jax.errors import Preempted
 from imagenet_jax.evaluation.predictions import collect_predictions
 from imagenet_jax.metric_writers import MetricsLogger
 from imagenet_jax.parallel import describe_grid, mesh_from_shape
-from imagenet_jax.train import assemble
+from imagenet_jax.train import assemble, init_from
 from imagenet_jax.train.preemption import PreemptionWatcher
 from imagenet_jax.train.state import TrainState
 from imagenet_jax.train.step_metrics import TrainMetricsBuffer
@@ -62,19 +62,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, console: Console,
                         source, derived: Derived, service: data_service.Service | None) -> dict:
-    run_dir.check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
                  derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     run = assemble.build(config, derived, mesh)
+    initial = start_from(config, workdir, run.state, source.class_names, console)
+    run_dir.check_writable(workdir)  # (init_from refused: the workdir is as it was)
     checkpointer = Checkpointer(
         run_dir.checkpoints(workdir), every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, read_attempts=config.read_attempts,
         retry_delay_s=config.read_retry_delay_s)
     try:
-        state = checkpointer.restore_latest(run.state)
+        state = checkpointer.restore_latest(initial)
     except BaseException:
         checkpointer.close()
         raise
@@ -113,6 +114,38 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         checkpointer.close()
         logger.close()
     return {"step": last_step, "split": "val", **val_metrics}
+
+
+def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, state: TrainState,
+               class_names: tuple[str, ...], console: Console) -> TrainState:
+    """The fresh `state`, with config.init_from's weights where the workdir has no
+    checkpoint of its own (which it would resume from instead, saying so)."""
+    if not config.init_from:
+        return state
+    own = own_checkpoint_steps(workdir)
+    if own:
+        message = (f"Resuming from this workdir's own checkpoint (step {own[0]}); init_from "
+                   f"{config.init_from!r} gave only its first weights.")
+        logging.info(message)
+        console.note(message)
+        return state
+    weights = init_from.read(config.init_from, config)
+    state, report = init_from.initial_state(weights, state, config, class_names)
+    init_from.log_report(report)
+    console.note(report.summary())
+    return state
+
+
+def own_checkpoint_steps(workdir: epath.Path) -> list[int]:
+    """The finished checkpoints in `workdir`, newest first, read without writing anything."""
+    folder = run_dir.checkpoints(workdir)
+    if not folder.exists():
+        return []
+    checkpointer = Checkpointer(folder, read_only=True)
+    try:
+        return checkpointer.steps()
+    finally:
+        checkpointer.close()
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,

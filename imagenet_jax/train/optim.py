@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 from imagenet_jax.config import Derived
+from imagenet_jax.parallel.sharding import path_name
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, derived: Derived) -> optax.Schedule:
@@ -65,9 +70,48 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     """
     def chain(learning_rate):
         clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
-        return optax.chain(*clip, *update_rule(config, learning_rate))
+        links = [*clip, *update_rule(config, learning_rate)]
+        if config.freeze:
+            # The frozen parameters' updates pass through unchanged (the step gives them zero
+            # gradients and keeps them as they were): no state, no decay, no clipping share.
+            links = [optax.masked(optax.chain(*links), trained_mask(config.freeze))]
+        if config.lr_multipliers:
+            links.append(scale_by_path(tuple(config.lr_multipliers)))
+        return optax.chain(*links)
 
     return optax.inject_hyperparams(chain)(learning_rate=0.0)
+
+
+def frozen_mask(pattern: str, params) -> object:
+    """True for the parameters `pattern` (config.freeze) finds in their '/'-joined path;
+    all False for ''."""
+    regex = re.compile(pattern) if pattern else None
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(regex and regex.search(path_name(path))), params)
+
+
+def trained_mask(pattern: str) -> Callable:
+    """The optimizer's mask of the parameters that train: those `pattern` does not find."""
+    return lambda params: jax.tree.map(lambda frozen: not frozen, frozen_mask(pattern, params))
+
+
+def path_multiplier(name: str, multipliers: tuple) -> float:
+    """The learning-rate factor of parameter `name`: the first matching rule's, else 1."""
+    return next((float(factor) for pattern, factor in multipliers if re.search(pattern, name)),
+                1.0)
+
+
+def scale_by_path(multipliers: tuple) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its `path_multiplier`: after the whole update
+    (momentum, adaptive scaling, weight decay, trust ratio), so each matched group steps as
+    with its own learning rate. Holds no state."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u if (f := path_multiplier(path_name(path), multipliers)) == 1.0
+            else u * jnp.asarray(f, u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def update_rule(config: ml_collections.ConfigDict, learning_rate

@@ -92,7 +92,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
                label_smoothing: float, dtype: jnp.dtype, ema_decay: float = 0.0,
-               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, frozen=None
                ) -> tuple[TrainState, TrainMetrics]:
     """One optimizer update on a global batch. BatchNorm statistics span the whole batch
     (or its groups: models/layers.py).
@@ -103,6 +103,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     `state.loss_scale` (see loss_scale.py); an overflow skips the step and halves it.
     With mixup or CutMix (mixing.py) the targets are soft and train top-1 counts the
     label with the larger share; `ema_decay` > 0 moves `state.ema` after the update.
+    `frozen` (a tree of bools like the parameters; config.freeze) marks parameters that
+    neither receive gradients nor change, bit for bit.
     """
     scaling = jnp.dtype(dtype) == jnp.float16
     scale = state.loss_scale.scale
@@ -130,6 +132,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         return cross_entropy(logits, targets)
 
     def loss_fn(params):
+        if frozen is not None:  # no gradient is computed for them at all
+            params = jax.tree.map(lambda p, fixed: jax.lax.stop_gradient(p) if fixed else p,
+                                  params, frozen)
         model = nnx.merge(graphdef, params, state.model_state)
         model.train()
         outputs = model(images, rngs=nnx.Rngs(dropout=dropout_key))
@@ -154,6 +159,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                                    state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema.update(params, model_state, ema_decay) if state.ema is not None else None
+    if frozen is not None:  # as they were (p + 0 would turn -0.0 into +0.0)
+        params = _keep_frozen(params, state.params, frozen)
+        if ema is not None:
+            ema = ema.replace(params=_keep_frozen(ema.params, state.ema.params, frozen))
     finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     # In float16 a non-finite gradient is first an overflow of the scale: not an alarm.
     overflow = (state.loss_scale.is_overflow(jnp.isfinite(objective), jnp.isfinite(grad_norm))
@@ -166,6 +175,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     metrics = _step_metrics(loss, logits, scored_labels, mask, finite=finite, overflow=overflow,
                             grad_norm=grad_norm, learning_rate=learning_rate, loss_scale=scale)
     return _keep_if_finite(updated, state, finite), metrics
+
+
+def _keep_frozen(new: dict, old: dict, frozen: dict) -> dict:
+    return jax.tree.map(lambda n, o, fixed: o if fixed else n, new, old, frozen)
 
 
 def _keep_if_finite(updated: TrainState, state: TrainState, finite: jax.Array) -> TrainState:
