@@ -12,8 +12,9 @@ folder; the namespaces are named after the process that made them (`ijx-PID-...`
 those of a process no longer alive are removed (with everything running in them) by the
 next cluster that starts.
 
-    python tests/cluster/slurm_cluster.py up [DIR]   # a cluster until Ctrl-C; prints how to use it
-    python tests/cluster/slurm_cluster.py clean      # remove every cluster left behind
+    python tests/cluster/slurm_cluster.py up [DIR]      # a cluster until Ctrl-C; prints how to use it
+    python tests/cluster/slurm_cluster.py clean         # remove the clusters of dead processes
+    python tests/cluster/slurm_cluster.py clean --all   # remove every cluster, live ones too
 """
 
 from __future__ import annotations
@@ -288,9 +289,10 @@ class SlurmCluster:
         return pids
 
     def logs(self, lines: int = 40) -> str:
-        """The last `lines` lines of each daemon's log, for a failure's report."""
+        """The last `lines` lines of each daemon's log, for a failure's report (its console,
+        the .out, repeats its log but for what it wrote before opening it)."""
         parts = []
-        for log in sorted((self.state / "log").glob("*")):
+        for log in sorted((self.state / "log").glob("*.log")):
             text = log.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {log} (last {len(text)} lines)\n" + "\n".join(text))
         return "\n".join(parts)
@@ -317,7 +319,7 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in ("up", "clean"):
         _usage()
     if argv[0] == "clean":
-        for namespace in remove_stale_clusters(everything=True):
+        for namespace in remove_stale_clusters(everything=argv[1:] == ["--all"]):
             print(f"removed {namespace}")
         return
     state = Path(argv[1]) if len(argv) > 1 else Path(tempfile.mkdtemp(prefix="slurm_cluster."))
