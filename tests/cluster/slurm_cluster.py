@@ -12,9 +12,9 @@ folder; the namespaces are named after the process that made them (`ijx-PID-...`
 those of a process no longer alive are removed (with everything running in them) by the
 next cluster that starts.
 
-    python tests/cluster/slurm_cluster.py up [DIR]      # a cluster until Ctrl-C; prints how to use it
-    python tests/cluster/slurm_cluster.py clean         # remove the clusters of dead processes
-    python tests/cluster/slurm_cluster.py clean --all   # remove every cluster, live ones too
+    python tests/cluster/slurm_cluster.py up [DIR]     # a cluster until Ctrl-C; how to use it
+    python tests/cluster/slurm_cluster.py clean        # remove the clusters of dead processes
+    python tests/cluster/slurm_cluster.py clean --all  # remove every cluster, live ones too
 """
 
 from __future__ import annotations
@@ -204,9 +204,10 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o600)
         nodes = "\n".join(f"NodeName={node} NodeAddr={address} CPUs={os.cpu_count()} "
-                          f"Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN" for node, address in NODES.items())
-        # GPUs by count alone, no device files: jobs that ask for GPUs are scheduled as on a
-        # GPU cluster (launch/slurm.sbatch's own --gpus-per-node=8), and run on the CPU.
+                          f"Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN"
+                          for node, address in NODES.items())
+        # GPUs that are /dev/null: jobs that ask for GPUs are scheduled as on a GPU cluster
+        # (launch/slurm.sbatch's own --gpus-per-node=8), and given CUDA_VISIBLE_DEVICES.
         for gpu in range(GPUS_PER_NODE):  # each a /dev/null (character device 1, 3)
             os.mknod(self.state / f"gpu{gpu}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         (self.state / "gres.conf").write_text(
