@@ -3,20 +3,12 @@ stopped at its end (also on Ctrl-C, a failure or a SIGTERM), its daemons' logs a
 report of every test that fails."""
 
 import signal
-from pathlib import Path
 
 import pytest
 
 from cluster.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 _cluster: SlurmCluster | None = None
-
-
-def pytest_collection_modifyitems(items):
-    here = Path(__file__).parent
-    for item in items:
-        if Path(item.fspath).parent == here:
-            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ from conftest import REPO, subprocess_env
 
 from imagenet_jax.run_dir import read_records
 
+pytestmark = pytest.mark.cluster  # left out of the default run (pyproject.toml)
+
 LAUNCH = REPO / "launch"
 # Every variable launch/slurm.sbatch reads, dropped from the environment jobs are submitted in.
 LAUNCHER_VARIABLES = ("CONFIG WORKDIR VENV EXTRA_ARGS COORDINATOR_PORT GPUS_PER_NODE "
