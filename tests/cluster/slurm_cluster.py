@@ -107,12 +107,13 @@ def _pids_in(namespace: str) -> list[int]:
     return [int(pid) for pid in listed.split()]
 
 
-def _kill_namespaces(names: list[str]) -> None:
+def _kill_namespaces(names: list[str], children: list[subprocess.Popen] = ()) -> None:
     """SIGKILLs everything running in the namespaces `names`, until nothing is (a dying
     process's children may appear in between), waits until all of it is gone from the
     process table (reaped by its parent, or by init for the daemons' own children), then
     deletes the namespaces. A process is listed only while it runs: each is noted before
-    any other is killed, whose death could end it unlisted."""
+    any other is killed, whose death could end it unlisted. `children`, this process's own,
+    are reaped here."""
     seen = set()
     for _ in range(50):
         pids = {pid for name in names for pid in _pids_in(name)}
@@ -126,7 +127,11 @@ def _kill_namespaces(names: list[str]) -> None:
                 pass
         time.sleep(0.1)
     deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in seen) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        for child in children:
+            child.poll()
+        if not any(Path(f"/proc/{pid}").exists() for pid in seen):
+            break
         time.sleep(0.1)
     for name in names:
         _run("ip", "netns", "delete", name, check=False)
@@ -315,9 +320,9 @@ class SlurmCluster:
     def stop(self) -> None:
         """Ends everything the cluster runs and removes its namespaces."""
         ours = [self.namespace(host) for host in (*NODES, CONTROLLER[0])]
-        _kill_namespaces([name for name in namespaces() if name in ours])
-        for daemon in self._daemons:  # reaped here, so that none is left a zombie
-            if daemon.poll() is None:
+        _kill_namespaces([name for name in namespaces() if name in ours], self._daemons)
+        for daemon in self._daemons:
+            if daemon.poll() is None:  # not in a namespace: started before it was made
                 daemon.kill()
             daemon.wait(timeout=10)
 
