@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 # and Debian's slurmctld slurmd slurm-client munge (.ci/run installs them). The cluster stops
 # with the session; `slurm_cluster.py clean` then removes any a killed session left behind.
 test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -q -m cluster tests/cluster; status=$$?; \
+	$(BIN)/python -m pytest -q -m cluster --durations=5 tests/cluster; status=$$?; \
 	  $(BIN)/python tests/cluster/slurm_cluster.py clean; exit $$status
 
 # SIGKILL the demo recipe at random steps, restart it, compare with an uninterrupted run.

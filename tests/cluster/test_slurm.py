@@ -34,13 +34,13 @@ LAUNCHER_VARIABLES = ("CONFIG WORKDIR VENV EXTRA_ARGS COORDINATOR_PORT GPUS_PER_
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 JOB_TIMEOUT_S = 240
-# The tiny recipe for 10 steps, each logged, a checkpoint every 2: long enough to stop in the
+# The tiny recipe for 10 steps, each logged, a checkpoint every 5: long enough to stop in the
 # middle. At this learning rate 2 processes and 1 agree to 2e-7 in every step's loss, so one
 # uninterrupted job is both what a 1-process run must match within the bounds of
 # tests/test_multiprocess.py (which at the recipe's 0.4 holds them for 3 steps only) and what
 # a stopped and resumed job must equal bitwise.
 RECIPE = ["--config.num_epochs=0.8", "--config.learning_rate=0.05",
-          "--config.checkpoint_every_steps=2", "--config.log_every_steps=1"]
+          "--config.checkpoint_every_steps=5", "--config.log_every_steps=1"]
 NUM_STEPS = 10
 
 
