@@ -22,10 +22,13 @@ def cluster(tmp_path_factory):
     started = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         started.start()
+        why = None
     except ClusterUnavailable as e:
+        why = str(e)
+    if why is not None:
         started.stop()
         signal.signal(signal.SIGTERM, previous)
-        pytest.fail(f"no SLURM cluster: {e}", pytrace=False)
+        pytest.fail(f"no SLURM cluster: {why}", pytrace=False)
     _cluster = started
     try:
         yield started
