@@ -5,9 +5,9 @@ imagenet-jax where only the launcher and SLURM are under test (GPUs, the data se
 each way of stopping a job ends), the commands the script runs on each node and when it
 requeues. `make test-cluster` runs them (as root: the nodes are network namespaces).
 
-Each job runs on CPU devices (GPUS_PER_NODE=cpu:2) on both nodes, which SLURM schedules as
-GPU nodes of 8 GPUs, so the script's own #SBATCH lines (--gpus-per-node=8, --exclusive,
---requeue, --open-mode=append) all apply."""
+SLURM schedules both nodes as GPU nodes of 8 GPUs, so the script's own #SBATCH lines
+(--gpus-per-node=8, --exclusive, --requeue, --open-mode=append) all apply; the trainings run
+on CPU devices (GPUS_PER_NODE=cpu:2)."""
 
 import json
 import os
