@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-transfer test test-slow chaos lint clean
+.PHONY: setup demo demo-transfer test test-slow test-cluster chaos lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
+
+# launch/slurm.sbatch under a real SLURM started on this machine (tests/cluster/): needs root
+# and Debian's slurmctld slurmd slurm-client munge (.ci/run installs them). The cluster stops
+# with the session; `slurm_cluster.py clean` then removes any a killed session left behind.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster --durations=5 tests/cluster; status=$$?; \
+	  $(BIN)/python tests/cluster/slurm_cluster.py clean; exit $$status
 
 # SIGKILL the demo recipe at random steps, restart it, compare with an uninterrupted run.
 chaos: $(STAMP)

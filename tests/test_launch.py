@@ -1,8 +1,9 @@
 """The cloud launchers under launch/, offline: shellcheck, the commands they would run
-(DRY_RUN=1, or stand-ins for gcloud, kubectl, srun and scontrol on PATH), what tpu_vm.sh's
-remote commands do on a simulated TPU VM, what a build of launch/gke/Dockerfile would put
-in the image, the JobSet manifests gke.sh renders, and the variables the launchers refuse
-to run without."""
+(DRY_RUN=1, or stand-ins on PATH for gcloud and kubectl, which no test here can run for
+real), what tpu_vm.sh's remote commands do on a simulated TPU VM, what a build of
+launch/gke/Dockerfile would put in the image, the JobSet manifests gke.sh renders, and the
+variables the launchers refuse to run without. launch/slurm.sbatch runs under a real SLURM
+in tests/cluster/ (`make test-cluster`)."""
 
 import ast
 import dataclasses
@@ -76,12 +77,12 @@ def _listener(folder: Path) -> None:
 
 def _env(tmp_path: Path, **variables: str) -> dict:
     """The launchers' environment: no launcher variable or SLURM_* but `variables`, TMPDIR
-    in tmp_path, and gcloud, kubectl, srun and scontrol stand-ins first on PATH that log
-    each call to $CALLS and fail, unless a test replaces them."""
+    in tmp_path, and gcloud and kubectl stand-ins first on PATH that log each call to $CALLS
+    and fail, unless a test replaces them."""
     stubs = tmp_path / "bin"
     if not stubs.exists():
         stubs.mkdir()
-        for tool in ("gcloud", "kubectl", "srun", "scontrol"):
+        for tool in ("gcloud", "kubectl"):
             _stub(stubs, tool, LOG_CALL.format(name=tool) +
                   f'echo "{tool} must not run in this test" >&2; exit 99\n')
     env = {key: value for key, value in os.environ.items()
@@ -198,7 +199,7 @@ def _tests_running_scripts(names: set[str]) -> dict[str, list[str]]:
     one: in the test itself, or in a function or fixture of its module that it calls or
     takes (and so on). Tests marked skip do not count."""
     ran = {}
-    for test_file in sorted((REPO / "tests").glob("test_*.py")):
+    for test_file in sorted((REPO / "tests").rglob("test_*.py")):
         source = test_file.read_text()
         if not any(name in source for name in names):
             continue
@@ -1282,203 +1283,11 @@ def test_gke_delete_and_logs(tmp_path):
     assert _calls(tmp_path) == []
 
 
-# launch/slurm.sbatch
-
-SLURM_JOB = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]",
-                 SLURM_GPUS_PER_NODE="h100:8", SLURM_CPUS_ON_NODE="96",
-                 SLURM_SUBMIT_DIR=str(REPO))
-
-
-def _slurm_env(tmp_path, **variables) -> dict:
-    """A faked job on the nodes FAKE_HOSTS (default gpu07 gpu08): srun runs its command once
-    per node, all at once, with that task's SLURM_NODEID, and passes a SIGTERM on to them;
-    scontrol expands the node list; imagenet-jax logs its arguments, and a data-service
-    server serves (a dispatcher listening on its --port), logging "ROLE NODEID" to
-    $CALLS.serving, until a SIGTERM, which it logs to $CALLS.stopped. With FAKE_AWAIT=LINE
-    training waits until that line is in $CALLS.serving, as a real run outlasts the start
-    of its data service."""
-    env = _env(tmp_path, **{**SLURM_JOB, "VENV": str(tmp_path / "venv"), **variables})
-    _stub(tmp_path / "bin", "srun",
-          LOG_CALL.format(name="srun") +
-          'nodes=1\n'
-          'while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done\n'
-          'tasks=() stop=0\n'
-          'trap \'stop=1; kill -TERM "${tasks[@]}" 2>/dev/null\' TERM\n'
-          'for ((i = 0; i < nodes && !stop; i++)); do\n'
-          '  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & tasks+=($!)\n'
-          'done\n'
-          '((stop)) && kill -TERM "${tasks[@]}" 2>/dev/null  # a SIGTERM while starting them\n'
-          'status=0\n'
-          'for task in "${tasks[@]}"; do\n'
-          '  until wait "$task"; do\n'
-          '    code=$?\n'
-          '    kill -0 "$task" 2>/dev/null || { status=$code; break; }  # else a SIGTERM came\n'
-          '  done\n'
-          'done\n'
-          'exit "$status"\n')
-    _stub(tmp_path / "bin", "scontrol",
-          LOG_CALL.format(name="scontrol") +
-          '[[ $1 == show && $2 == hostnames ]] && printf "%s\\n" ${FAKE_HOSTS:-gpu07 gpu08}\n'
-          'exit 0\n')
-    _listener(tmp_path / "bin")
-    (tmp_path / "venv" / "bin").mkdir(parents=True, exist_ok=True)
-    _stub(tmp_path / "venv" / "bin", "imagenet-jax",
-          'printf -v words "%q " imagenet-jax "$@" "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"\n'
-          'echo "$words" >> "$CALLS"\n'
-          'if [[ $1 == data-service ]]; then\n'
-          '  role=$2 node=${SLURM_NODEID:-batch}\n'
-          '  trap \'kill "$server"; echo "$role $node" >> "$CALLS.stopped"; exit 143\' TERM\n'
-          '  if [[ $2 == dispatcher ]]; then\n'
-          f'    listen "${{3#--port=}}" {TIMEOUT_S} > /dev/null 2>&1 & server=$!\n'
-          '  else\n'
-          f'    sleep {TIMEOUT_S} > /dev/null 2>&1 & server=$!\n'
-          '  fi\n'
-          '  echo "$role $node" >> "$CALLS.serving"\n'
-          '  wait "$server"\n'
-          '  exit\n'
-          'fi\n'
-          'until [[ -z ${FAKE_AWAIT:-} ]] || grep -qsx "$FAKE_AWAIT" "$CALLS.serving"; do\n'
-          '  sleep 0.01\n'
-          'done\n'
-          'sleep "${FAKE_SECONDS:-0}"\n'
-          'exit "${FAKE_EXIT:-0}"\n')
-    return env
-
-
-def test_sbatch_runs_one_process_per_node_on_all_its_gpus(tmp_path):
-    env = _slurm_env(tmp_path, EXTRA_ARGS="--config.batch_size=2048 --config.dataset=folder:/d")
-    done = _launch("slurm.sbatch", ["--config.num_epochs=90"], env)
-    assert done.returncode == 0, done.stderr
-    calls = _calls(tmp_path)
-    srun = next(call for call in calls if call[0] == "srun")
-    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"} <= set(srun)
-    processes = sorted(call for call in calls if call[0] == "imagenet-jax")
-    assert processes == [
-        ["imagenet-jax", "train", "--config=configs/resnet.py:resnet50",
-         f"--workdir={REPO}/runs/resnet_resnet50", "--coordinator_address=gpu07:24242",
-         "--num_processes=2", "--config.batch_size=2048", "--config.dataset=folder:/d",
-         "--config.num_epochs=90", f"--process_id={node}", "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]
-        for node in (0, 1)]
-    assert not any(call[:2] == ["scontrol", "requeue"] for call in calls)
-
-
-@pytest.mark.parametrize("status, requeued", [(0, False), (75, True), (2, False), (3, False)])
-def test_sbatch_requeues_a_preempted_run_only(tmp_path, status, requeued):
-    env = _slurm_env(tmp_path, FAKE_EXIT=str(status), WORKDIR="/shared/rn50",
-                     CONFIG="configs/resnet.py:resnet18", COORDINATOR_PORT="1234")
-    done = _launch("slurm.sbatch", [], env)
-    assert done.returncode == status, done.stderr
-    calls = _calls(tmp_path)
-    assert (["scontrol", "requeue", "4242"] in calls) == requeued
-    processes = [call for call in calls if call[0] == "imagenet-jax"]
-    assert len(processes) == 2, calls
-    for process in processes:
-        assert _flag(process, "--config") == "configs/resnet.py:resnet18"
-        assert _flag(process, "--workdir") == "/shared/rn50"
-        assert _flag(process, "--coordinator_address") == "gpu07:1234"
-
-
-def test_sbatch_outlives_a_sigterm_until_the_checkpoint_is_saved(tmp_path):
-    env = _slurm_env(tmp_path, FAKE_EXIT="75", FAKE_SECONDS="1")
-    job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch")], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not any(call[0] == "imagenet-jax" for call in _calls(tmp_path)):
-            assert time.monotonic() < deadline and job.poll() is None, "srun never started"
-            time.sleep(0.05)
-        job.send_signal(signal.SIGTERM)
-        _, stderr = job.communicate(timeout=TIMEOUT_S)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 75, stderr
-    assert ["scontrol", "requeue", "4242"] in _calls(tmp_path)
-
-
-def _srun_steps(calls: list[list[str]]) -> list[tuple[set[str], list[str]]]:
-    """Each srun call as (its options, the command it runs)."""
-    steps = []
-    for call in calls:
-        if call[0] == "srun":
-            command_at = next(i for i, word in enumerate(call) if i and not word.startswith("-"))
-            steps.append((set(call[1:command_at]), call[command_at:]))
-    return steps
-
-
-@pytest.mark.parametrize("status", [0, 75])
-def test_sbatch_data_service_nodes_serve_the_trainers(tmp_path, status):
-    port = _free_port()
-    env = _slurm_env(tmp_path, FAKE_HOSTS="gpu07 gpu08 gpu09", SLURM_JOB_NODELIST="gpu[07-09]",
-                     DATA_SERVICE_NODES="1", DATA_SERVICE_PORT=str(port), FAKE_EXIT=str(status),
-                     FAKE_AWAIT="worker 0")
-    done = _launch("slurm.sbatch", ["--config.num_epochs=90"], env)
-    assert done.returncode == status, done.stderr
-    calls = _calls(tmp_path)
-    venv_program = str(tmp_path / "venv" / "bin" / "imagenet-jax")
-    # The dispatcher on the first node, by this script (not a task of a step), listening
-    # before any step starts.
-    (dispatcher,) = [call for call in calls if call[:3] == ["imagenet-jax", "data-service",
-                                                            "dispatcher"]]
-    assert dispatcher[3] == f"--port={port}"
-    assert calls.index(dispatcher) < min(i for i, call in enumerate(calls) if call[0] == "srun")
-    # Two steps, started in this order but logged in any (the first runs in the background).
-    steps = _srun_steps(calls)
-    ((workers_step, workers),) = [step for step in steps if "data-service" in step[1]]
-    ((trainers_step, _),) = [step for step in steps if "train" in step[1]]
-    assert len(steps) == 2
-    # A step of workers on the last node, one task each, with all the node's CPUs.
-    assert {"--nodes=1", "--ntasks-per-node=1", "--nodelist=gpu09",
-            "--cpus-per-task=96"} == workers_step
-    assert workers == [venv_program, "data-service", "worker", f"--dispatcher=gpu07:{port}"]
-    # The trainers on the other nodes, told where the dispatcher is.
-    assert {"--nodes=2", "--nodelist=gpu07,gpu08"} <= trainers_step
-    processes = [call for call in calls if call[:2] == ["imagenet-jax", "train"]]
-    assert len(processes) == 2, calls
-    for process in processes:
-        assert _flag(process, "--num_processes") == "2"
-        assert _flag(process, "--coordinator_address") == "gpu07:24242"
-        assert _flag(process, "--config.data_service") == f"grpc://gpu07:{port}"
-        assert process[-3] == "--config.num_epochs=90"  # the user's flags last
-    # When the job ends, the script stops the dispatcher and the workers' step.
-    stopped = (tmp_path / "calls.log.stopped").read_text().splitlines()
-    assert sorted(stopped) == ["dispatcher batch", "worker 0"]
-    assert (["scontrol", "requeue", "4242"] in calls) == (status == 75)
-
-
-@pytest.mark.parametrize("nodes", [None, "0"])
-def test_sbatch_without_data_service_nodes_trains_on_every_node(tmp_path, nodes):
-    env = _slurm_env(tmp_path, DATA_SERVICE_PORT="30000",
-                     **({} if nodes is None else {"DATA_SERVICE_NODES": nodes}))
-    done = _launch("slurm.sbatch", [], env)
-    assert done.returncode == 0, done.stderr
-    calls = _calls(tmp_path)
-    assert [call[0] for call in calls] == ["scontrol", "srun", "imagenet-jax", "imagenet-jax"]
-    assert calls[1][:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"]
-    assert calls[1][4:6] == ["bash", "-c"]  # as before the data service: no --nodelist
-    assert not any("data_service" in word for call in calls for word in call)
-    assert not (tmp_path / "calls.log.stopped").exists()
-
-
-def test_sbatch_trains_nothing_when_the_dispatcher_does_not_start(tmp_path):
-    env = _slurm_env(tmp_path, DATA_SERVICE_NODES="1", DATA_SERVICE_PORT=str(_free_port()))
-    _stub(tmp_path / "bin", "listen", "exit 1\n")  # a dispatcher that fails at start
-    done = _launch("slurm.sbatch", [], env)
-    assert done.returncode == 2
-    assert "the data service dispatcher" in done.stderr and "exited at start" in done.stderr
-    assert [call[:3] for call in _calls(tmp_path)] == [
-        ["scontrol", "show", "hostnames"], ["imagenet-jax", "data-service", "dispatcher"]]
-
-
-def test_sbatch_refuses_data_service_nodes_that_leave_none_to_train(tmp_path):
-    done = _launch("slurm.sbatch", [], _slurm_env(tmp_path, DATA_SERVICE_NODES="2"))
-    assert done.returncode == 2 and "DATA_SERVICE_NODES=2 leaves none" in done.stderr
-    assert not any(call[0] in ("srun", "imagenet-jax") for call in _calls(tmp_path))
+# launch/slurm.sbatch: under a real SLURM in tests/cluster/test_slurm.py (`make test-cluster`);
+# here only what it does outside a job, where SLURM has no part.
 
 
 def test_sbatch_refuses_to_run_outside_a_job(tmp_path):
-    env = _slurm_env(tmp_path)
-    del env["SLURM_JOB_ID"]
-    done = _launch("slurm.sbatch", [], env)
+    done = _launch("slurm.sbatch", [], _env(tmp_path))
     assert done.returncode == 2 and "not inside a SLURM job" in done.stderr
     assert _calls(tmp_path) == []
