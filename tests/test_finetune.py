@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from chaos import final_params
-from conftest import REPO, subprocess_env, tiny_config
+from conftest import REPO, subprocess_env
+from conftest import tiny_config as tiny_config_on_8
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from seeded_weights import seeded_state_dict
@@ -28,6 +29,13 @@ from imagenet_jax.train.optim import create_optimizer, with_learning_rate
 from imagenet_jax.transfer import export_from_workdir
 
 PROBE = "^(?!fc/)"  # everything but a ResNet's classifier
+
+
+def tiny_config(dataset_root, **overrides):
+    """The tiny recipe on one device: fine-tuning is the same on any (the fastest here)."""
+    config = tiny_config_on_8(dataset_root, **overrides)
+    config.mesh.data = 1
+    return config
 
 
 def flat(tree) -> dict[str, np.ndarray]:
