@@ -222,6 +222,40 @@ def test_a_worker_killed_mid_stream_loses_no_batch(tiny_dataset):
     assert len(got) == 36 and batches.counts.served + batches.counts.made_here == 36
 
 
+def _start_service_process(*args) -> subprocess.Popen:
+    """`imagenet-jax data-service ARGS` (a dispatcher or a worker) on this machine."""
+    return subprocess.Popen([sys.executable, "-m", "imagenet_jax", "data-service", *args],
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_a_worker_and_the_dispatcher_killed_mid_stream_lose_no_batch(tiny_dataset, tmp_path):
+    """The stream of the run-level test below (marked slow): an external dispatcher with a
+    journal and two workers, one worker SIGKILLed after 6 batches, the dispatcher SIGKILLed
+    after 12 and restarted on its journal: every batch arrives, bitwise the in-process one."""
+    source = sources.open_folder(tiny_dataset)
+    port, journal = _free_port(), tmp_path / "journal"
+    dispatcher = _start_service_process("dispatcher", f"--port={port}", f"--work_dir={journal}")
+    workers = [_start_service_process("worker", f"--dispatcher=127.0.0.1:{port}",
+                                      "--worker_host=127.0.0.1") for _ in range(2)]
+    try:
+        batches = _ordered_train(source, f"grpc://127.0.0.1:{port}", 0, 36, timeout_s=5.0)
+        got = [next(batches) for _ in range(6)]
+        workers[0].kill()
+        got += [next(batches) for _ in range(6)]
+        dispatcher.kill()
+        dispatcher.wait()
+        dispatcher = _start_service_process("dispatcher", f"--port={port}",
+                                            f"--work_dir={journal}")
+        got += list(batches)
+    finally:
+        for process in (dispatcher, *workers):
+            process.kill()
+    _assert_batches_equal(got, _in_process(source, 0))
+    assert len(got) == 36 and batches.counts.served + batches.counts.made_here == 36
+    assert batches.counts.served > 0
+
+
 def test_local_workers_end_with_a_run_killed_by_sigkill(tiny_dataset, tmp_path):
     """SIGKILL of the run leaves no worker behind."""
     script = ("import sys, time\nfrom imagenet_jax.data import service\n"
@@ -299,6 +333,11 @@ def test_a_run_on_local_workers_killed_and_resumed_equals_the_uninterrupted_one(
     assert served + made_here == 72 - report.landed[0].resumed_from and served > 0
 
 
+# Slow (70 s on two cores): the stream of it, a worker and the dispatcher killed and the
+# dispatcher restarted on its journal, is checked batch by batch in the default run (above),
+# and the resumable recipe without the service is killed and resumed there too
+# (test_fault_tolerance); this is the two together, through the CLI.
+@pytest.mark.slow
 def test_a_worker_and_the_dispatcher_killed_mid_run_lose_nothing(tiny_dataset, uninterrupted,
                                                                  tmp_path):
     """An external dispatcher (fault-tolerant, with a journal) and two workers started with
@@ -306,13 +345,7 @@ def test_a_worker_and_the_dispatcher_killed_mid_run_lose_nothing(tiny_dataset, u
     step 24 and restarted on its journal. The run ends with the uninterrupted parameters,
     each step's batch consumed once."""
     port, journal = _free_port(), tmp_path / "journal"
-    env = subprocess_env(1)
-
-    def start(*args):
-        return subprocess.Popen([sys.executable, "-m", "imagenet_jax", "data-service", *args],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-
+    start = _start_service_process
     dispatcher = start("dispatcher", f"--port={port}", f"--work_dir={journal}")
     workers = [start("worker", f"--dispatcher=127.0.0.1:{port}", "--worker_host=127.0.0.1")
                for _ in range(2)]
