@@ -86,6 +86,13 @@ COMMANDS = {command.name: command for command in (
             "and top-1 against time, of each run's metrics.jsonl, several runs overlaid with "
             "their names. Default --out: the first WORKDIR's curves.png.",
             ("out",)),
+    Command("goodput", commands.goodput, ("goodput WORKDIR [WORKDIR ...] [--json]",),
+            "Where each run's wall time went, all its attempts included: goodput (the share "
+            "spent on training steps whose work was kept) and badput by cause (start-up, "
+            "compilation, input wait, evaluation, checkpoint saves and restores, work lost "
+            "to restarts, downtime between attempts, other), in seconds and %, from the "
+            "run's metrics.jsonl. --json prints one JSON object.",
+            ("json",)),
     Command("models", commands.list_models, ("models [--json]",),
             "The registered models: parameters (1000 classes), forward GMACs of one image at "
             "the native resolution, native resolution. --json prints a JSON list instead.",

@@ -33,7 +33,8 @@ FLAG_DEFINITIONS = {
     "workdir": (flags.DEFINE_string, None, "Checkpoints, metrics.jsonl, TensorBoard events "
                 "and the resolved config go here; re-running on it resumes. Default: "
                 "runs/<config file name>, runs/<name>_<ARG> for --config=FILE:ARG."),
-    "json": (flags.DEFINE_bool, False, "models, bench, eval: print JSON instead of a table."),
+    "json": (flags.DEFINE_bool, False, "models, bench, eval, goodput: print JSON instead of "
+             "a table."),
     "step": (flags.DEFINE_integer, None, "eval, predict, export: the checkpoint's step. "
              "Default: the latest."),
     "model": (flags.DEFINE_string, None, "import: the torchvision architecture, e.g. resnet50."),
@@ -111,8 +112,10 @@ def train(args: list[str]) -> None:
     if log_file:  # every process says where its log is
         print(f"Log: {log_file} (copied into {workdir}/logs/ once the run trains; "
               "--verbosity=0 prints it here instead)", flush=True)
+    from imagenet_jax.train.goodput import process_start_time
+
     console = Console() if jax.process_index() == 0 else Console.silent()
-    began = time.monotonic()
+    began, started = time.monotonic(), process_start_time()
     with _as_bad_config(ConfigError, prefix="config: "):
         # Checked and planned before the loop imports TensorFlow (2-3 s): a config mistake
         # is reported in about a second. (Opening a tfds: dataset imports it.)
@@ -122,13 +125,19 @@ def train(args: list[str]) -> None:
         from imagenet_jax.train.loop import train_and_evaluate
 
         try:
-            result = train_and_evaluate(config, workdir, console=console, planned=planned)
+            result = train_and_evaluate(config, workdir, console=console, planned=planned,
+                                        started=started)
         except (errors.NonFiniteError, errors.Preempted):
             logfiles.keep_log(log_file, workdir)  # it trained: its log joins the run
             raise
     logfiles.keep_log(log_file, workdir)
     if result:
-        console.finish(result, workdir, time.monotonic() - began)
+        from imagenet_jax import run_dir
+        from imagenet_jax.train.goodput import summarize
+
+        summary = summarize(run_dir.read_records(workdir, every_attempt=True))
+        console.finish(result, workdir, time.monotonic() - began,
+                       goodput=summary.line() if summary else None)
 
 
 def evaluate(args: list[str]) -> None:
@@ -231,6 +240,27 @@ def plot(args: list[str]) -> None:
         result = plot_runs(args, FLAGS.out or str(run_dir.curves(args[0])))
     runs = ", ".join(f"{name} ({count} records)" for name, count in result["runs"].items())
     print(f"Wrote {result['out']}: {runs}")
+
+
+def goodput(args: list[str]) -> None:
+    if not args:
+        raise ConfigError("usage: imagenet-jax goodput WORKDIR [WORKDIR ...] [--json]")
+    from imagenet_jax import run_dir
+    from imagenet_jax.train.goodput import format_breakdown, summarize
+
+    summaries = {}
+    for workdir in args:
+        summary = summarize(run_dir.read_records(workdir, every_attempt=True))
+        if summary is None:
+            raise ConfigError(f"{workdir} holds no goodput record (no metrics.jsonl, or one "
+                              "written before runs timed their parts)")
+        summaries[workdir] = summary
+    if FLAGS.json:
+        print(json.dumps({workdir: {"attempts": summary.attempts, **summary.scalars()}
+                          for workdir, summary in summaries.items()}))
+        return
+    print("\n\n".join(format_breakdown(workdir, summary)
+                       for workdir, summary in summaries.items()))
 
 
 def list_models(args: list[str]) -> None:

@@ -31,6 +31,7 @@ from imagenet_jax.evaluation.predictions import collect_predictions
 from imagenet_jax.metric_writers import MetricsLogger
 from imagenet_jax.parallel import describe_grid, mesh_from_shape
 from imagenet_jax.train import assemble
+from imagenet_jax.train.goodput import InputAlarm, TimeAccount, TimingReport
 from imagenet_jax.train.preemption import PreemptionWatcher
 from imagenet_jax.train.state import TrainState
 from imagenet_jax.train.step_metrics import TrainMetricsBuffer
@@ -39,29 +40,35 @@ from imagenet_jax.train.steps import ClassMap
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        console: Console | None = None,
-                       planned: tuple[sources.Source, Derived] | None = None) -> dict:
+                       planned: tuple[sources.Source, Derived] | None = None,
+                       started: float | None = None) -> dict:
     """Trains `config` in `workdir` (a path or gs:// URL) to the end and returns the final
     validation metrics. `console` (the CLI's, on process 0) shows the progress to a person;
     everything is logged through absl either way. `planned`: `assemble.plan(config)` where
-    the caller made it already (the CLI does, before TensorFlow is imported).
+    the caller made it already (the CLI does, before TensorFlow is imported). `started`:
+    when the run began on time.perf_counter's scale (the CLI's process start), for the
+    goodput records (train/goodput.py); default now.
 
     Nothing in the workdir is written before its checkpoint is known to fit `config`: a
     mistaken config on a workdir stops with CheckpointMismatch and leaves it as it was.
     """
+    account = TimeAccount(started=started)
     storage.configure()
     console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
     source, derived = planned or assemble.plan(config)
     service = data_service.connect(config.data_service)  # an unreachable one: before the workdir
     try:
-        return _train_and_evaluate(config, workdir, console, source, derived, service)
+        return _train_and_evaluate(config, workdir, console, source, derived, service, account)
     finally:
+        account.close()
         if service is not None:
             service.close()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, console: Console,
-                        source, derived: Derived, service: data_service.Service | None) -> dict:
+                        source, derived: Derived, service: data_service.Service | None,
+                        account: TimeAccount) -> dict:
     run_dir.check_writable(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
@@ -74,7 +81,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         keep=config.keep_checkpoints, read_attempts=config.read_attempts,
         retry_delay_s=config.read_retry_delay_s)
     try:
-        state = checkpointer.restore_latest(run.state)
+        with account.charge("restore"):
+            state = checkpointer.restore_latest(run.state)
     except BaseException:
         checkpointer.close()
         raise
@@ -104,10 +112,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                                              stop_step=derived.num_train_steps)
     profiler = StepProfiler(os.fspath(run_dir.profile(workdir)), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
+    timing = TimingReport(account, logger, console, start_step,
+                          InputAlarm(config.batch_size, on_data_service=service is not None))
     try:
         last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
                                              train_batches, start_step, checkpointer, logger,
-                                             evaluate, profiler, console)
+                                             evaluate, profiler, console, timing)
+        timing.close_attempt(last_step, checkpointer)
+    except Preempted as stop:
+        timing.close_attempt(stop.step, checkpointer)
+        raise
     finally:
         train_batches.close()
         checkpointer.close()
@@ -116,25 +130,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
-                logger, evaluate, profiler, console) -> tuple[int, dict]:
+                logger, evaluate, profiler, console, timing: TimingReport) -> tuple[int, dict]:
     """Steps from `start_step` to the end (or the target top-1), with logs, evals,
     checkpoints and early stops; returns the last step and its evaluation.
 
     The host only waits on the device at sync points: a log, an eval, a checkpoint.
     Before every checkpoint the steps since the last sync are checked for non-finite
-    numbers, so a saved state is always one the run would have kept.
+    numbers, so a saved state is always one the run would have kept. Where the time goes
+    is charged to `timing.account`'s categories (train/goodput.py): `training` unless
+    said otherwise.
     """
+    account = timing.account
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=derived.num_train_steps, writer=logger.writer)
     buffer = TrainMetricsBuffer(config.on_nonfinite, checkpointer.latest_step)
     preemption = PreemptionWatcher()
     val_metrics: dict = {}
     throughput = Throughput(config.batch_size, start_step)
+    account.switch("training")
     try:
         for step in range(start_step + 1, derived.num_train_steps + 1):
             profiler.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_step(state, next(train_batches))
+                state, metrics = train_step(state, account.next_batch(train_batches))
+            account.dispatched(metrics)
             profiler.after(step, state)
             buffer.add(step, metrics)
             report_progress(step)
@@ -142,36 +161,42 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             # Step 1 is logged on its own: the initial loss (about ln(classes)) at once, and
             # a loss every device and process count computes from the same parameters, so
             # equal to rounding, before differences in the gradient sums compound.
-            if step % config.log_every_steps == 0 or is_last or step == 1:
+            logged = step % config.log_every_steps == 0 or is_last or step == 1
+            if logged:
                 train_metrics = buffer.drain()
                 train_metrics["images_per_sec"] = throughput.images_per_sec(step)
                 if counts := train_batches.service_counts:  # since the run (re)started
                     train_metrics.update(input_served=counts.served,
                                          input_made_here=counts.made_here,
                                          input_late=counts.late)
-                logger.log(step, "train", train_metrics)
-                console.train(step, train_metrics)
+                with account.charge("other"):
+                    logger.log(step, "train", train_metrics)
+                    console.train(step, train_metrics)
+                timing.interval_ended(step)
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
             reached = False
             if step % derived.eval_every_steps == 0 or is_last:
-                with throughput.paused():
+                account.sync()  # the steps' own time is not the evaluation's
+                with throughput.paused(), account.charge("eval"):
                     val_metrics = evaluate_all(evaluate, state, step, logger, console)
                 reached = reached_target(config.target_top1, val_metrics, step, derived, logger,
                                          console)
                 is_last = is_last or reached
             preempted = preemption.reached(step)
-            if is_last or preempted or checkpointer.should_save(step):
+            saved = is_last or preempted or checkpointer.should_save(step)
+            if saved:
                 buffer.check()
-                checkpointer.save(step, state, force=True)
+                with account.charge("checkpoint"):
+                    checkpointer.save(step, state, force=True)
                 console.checkpoint(step, checkpointer.directory)
             if preempted:
-                checkpointer.wait()
                 raise Preempted(step)
             if reached:
                 break
-        checkpointer.wait()
+            if (logged or saved) and not is_last:  # (the last record follows the last wait)
+                timing.record(step)
     finally:
         try:
             preemption.close()
