@@ -424,9 +424,9 @@ class TimingReport:
         self.account.charge_slower_input(slowest, interval)
         warning = self.alarm.check(interval, step - self._last_logged, step)
         self._last_logged = step
-        if warning:
+        if warning:  # (on the console once, by process 0; the log file has it too)
             with self.account.charge("other"):
-                logging.warning("%s", warning)
+                logging.info("%s", warning)
                 self.console.note(warning)
         return warning
 
