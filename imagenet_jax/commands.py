@@ -67,6 +67,8 @@ FLAG_DEFINITIONS = {
     "repeats": (flags.DEFINE_integer, 3, "bench input: timed passes; each figure is their "
                 "median."),
     "warmup_steps": (flags.DEFINE_integer, 3, "bench: untimed steps after compilation."),
+    "goodput": (flags.DEFINE_bool, False, "bench train: each step through the train loop's "
+                "time accounting (goodput, input wait), to measure what it costs the step."),
     "device_counts": (flags.DEFINE_list, None, "bench scaling: device counts to run, e.g. "
                       "1,2,4,8. Default: the powers of two up to the device count."),
     "manual_dir": (flags.DEFINE_string, None, "prepare: the folder holding the ImageNet-2012 "
@@ -293,7 +295,8 @@ def bench(args: list[str]) -> None:
             from imagenet_jax.bench.train import bench_train
 
             result = bench_train(FLAGS.config, mode=FLAGS.mode,
-                                 warmup_steps=FLAGS.warmup_steps, steps=FLAGS.steps)
+                                 warmup_steps=FLAGS.warmup_steps, steps=FLAGS.steps,
+                                 goodput=FLAGS.goodput)
         elif benchmark == "input":
             from imagenet_jax.bench.input import bench_input
 
