@@ -89,7 +89,7 @@ def train(account, report, clock, batches, steps, *, log_every=5, checkpoint_eve
     """The calls the train loop makes of the account, for steps first..first+steps-1: the
     batch, the dispatch (the first compiling for `compile_s`), the sync and interval at each
     log, a checkpoint's save (0.2 s), a record at each log and checkpoint (but the last
-    step's when `closing`: close_attempt records it)."""
+    step's when `closing`: the run records it once it has closed)."""
     account.switch("training")
     for step in range(first, first + steps):
         batch = account.next_batch(batches)
@@ -122,7 +122,7 @@ def test_every_second_is_charged_once_and_the_categories_add_up_to_the_wall_time
     train(account, report, clock, slow_source(clock, 0.25), 20, compile_s=4.0, closing=True)
     with account.charge("eval"):
         clock.now += 1.5
-    summary = report.close_attempt(20, checkpointer=type("C", (), {"wait": lambda self: None})())
+    summary = report.record(20)  # the last record, once the run closed
     seconds = account.seconds
     assert sum(seconds.values()) == pytest.approx(clock.now, abs=1e-9)
     assert summary.wall_s == pytest.approx(clock.now, abs=1e-9)
@@ -209,7 +209,7 @@ def test_a_killed_run_resumed_counts_the_steps_it_did_again_as_lost_work(tmp_pat
     report2 = TimingReport(account2, logger2, Console.silent(), 8, InputAlarm(BATCH, False))
     train(account2, report2, clock2, slow_source(clock2, 0.01), 4, log_every=1, first=9,
           closing=True)
-    final = report2.close_attempt(12, checkpointer=type("C", (), {"wait": lambda s: None})())
+    final = report2.record(12)
     logger2.close()
 
     summary = summarize(run_dir.read_records(tmp_path, every_attempt=True))

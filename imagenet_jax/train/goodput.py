@@ -443,13 +443,6 @@ class TimingReport:
             self.logger.log(step, "goodput", summary.scalars(), details=attempt)
         return summary
 
-    def close_attempt(self, step: int, checkpointer: Any) -> Summary:
-        """The end of this attempt at `step` (the last, or a preemption's): waits for the
-        last checkpoint to be written, then records."""
-        with self.account.charge("checkpoint"):
-            checkpointer.wait()
-        return self.record(step)
-
 
 def format_breakdown(name: str, summary: Summary) -> str:
     """`imagenet-jax goodput`'s table of one run: each category in seconds and %."""

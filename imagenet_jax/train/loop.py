@@ -114,17 +114,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                             config.profile_num_steps, start_step, derived.num_train_steps)
     timing = TimingReport(account, logger, console, start_step,
                           InputAlarm(config.batch_size, on_data_service=service is not None))
+    ended_at = None  # the step this attempt ends at, done or preempted: its last record
     try:
-        last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
-                                             train_batches, start_step, checkpointer, logger,
-                                             evaluate, profiler, console, timing)
-        timing.close_attempt(last_step, checkpointer)
-    except Preempted as stop:
-        timing.close_attempt(stop.step, checkpointer)
-        raise
+        try:
+            last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
+                                                 train_batches, start_step, checkpointer,
+                                                 logger, evaluate, profiler, console, timing)
+            ended_at = last_step
+        except Preempted as stop:
+            ended_at = stop.step
+            raise
+        finally:
+            train_batches.close()
+            with timing.account.charge("checkpoint"):
+                checkpointer.close()  # waits for the last save to be written
+            if ended_at is not None:
+                timing.record(ended_at)
     finally:
-        train_batches.close()
-        checkpointer.close()
         logger.close()
     return {"step": last_step, "split": "val", **val_metrics}
 
