@@ -126,7 +126,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             raise
         finally:
             train_batches.close()
-            with timing.account.charge("checkpoint"):
+            with account.charge("checkpoint"):
                 checkpointer.close()  # waits for the last save to be written
             if ended_at is not None:
                 timing.record(ended_at)
