@@ -130,8 +130,9 @@ def kept_records(records: Sequence[dict]) -> list[dict]:
     """The records of the run's kept history: each (step, split) once. metrics.jsonl keeps
     every attempt's records (each carries its "attempt"; an attempt's first record says
     the step it "resumed_from"); an attempt's records past the step a later attempt
-    resumed from were done again, and are left out. Records of before attempts were
-    numbered count as attempt 0."""
+    resumed from were done again, and are left out, and of an attempt's records of one
+    step and split (a goodput record, then the attempt's last) the last is kept. Records
+    of before attempts were numbered count as attempt 0."""
     resumed_from: dict[int, int] = {}
     for record in records:
         resumed_from.setdefault(record.get("attempt", 0), record.get("resumed_from", 0))
@@ -139,4 +140,10 @@ def kept_records(records: Sequence[dict]) -> list[dict]:
     for attempt in sorted(resumed_from, reverse=True):
         superseded_past[attempt] = horizon
         horizon = min(horizon, resumed_from[attempt])
-    return [r for r in records if r["step"] <= superseded_past[r.get("attempt", 0)]]
+    kept, seen = [], set()
+    for record in reversed(records):
+        key = (record.get("attempt", 0), record["step"], record["split"])
+        if record["step"] <= superseded_past[key[0]] and key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept[::-1]

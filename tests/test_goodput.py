@@ -298,8 +298,10 @@ def test_records_of_attempts_a_resumed_run_did_again_are_left_out_of_the_history
     records += [{"step": s, "split": "train", "attempt": 2, **({"resumed_from": 4} if s == 5
                                                                else {})} for s in (5, 6)]
     records += [{"step": 3, "split": "train", "attempt": 3, "resumed_from": 2}]  # damaged 4
+    records += [{"step": 3, "split": "goodput", "attempt": 3, "n": n} for n in (1, 2)]
     kept = run_dir.kept_records(records)
-    assert [(r["step"], r["attempt"]) for r in kept] == [(1, 1), (2, 1), (3, 3)]
+    assert [(r["step"], r["attempt"]) for r in kept] == [(1, 1), (2, 1), (3, 3), (3, 3)]
+    assert kept[-1] == {"step": 3, "split": "goodput", "attempt": 3, "n": 2}  # the last
     old = [{"step": s, "split": "train"} for s in (1, 2)]  # written before attempts
     assert run_dir.kept_records(old) == old
 

@@ -175,10 +175,12 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
                     train_metrics.update(input_served=counts.served,
                                          input_made_here=counts.made_here,
                                          input_late=counts.late)
+                timing.interval_ended(step)
+                if not is_last:  # (before the train record: a run killed once a step is
+                    timing.record(step)  # logged has the time of its steps up to it)
                 with account.charge("other"):
                     logger.log(step, "train", train_metrics)
                     console.train(step, train_metrics)
-                timing.interval_ended(step)
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
@@ -201,7 +203,7 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
                 raise Preempted(step)
             if reached:
                 break
-            if (logged or saved) and not is_last:  # (the last record follows the last wait)
+            if saved and not logged and not is_last:  # (the last: once the saves are done)
                 timing.record(step)
     finally:
         try:
