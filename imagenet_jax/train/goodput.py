@@ -96,7 +96,7 @@ class DeviceWatch:
 
     def close(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=1.0)  # (a daemon: a step that never ends holds no exit)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
