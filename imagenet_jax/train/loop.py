@@ -125,7 +125,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             ended_at = stop.step
             raise
         finally:
-            train_batches.close()
+            with account.charge("other"):
+                train_batches.close()
             with account.charge("checkpoint"):
                 checkpointer.close()  # waits for the last save to be written
             if ended_at is not None:
