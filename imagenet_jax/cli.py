@@ -86,13 +86,20 @@ COMMANDS = {command.name: command for command in (
             "and top-1 against time, of each run's metrics.jsonl, several runs overlaid with "
             "their names. Default --out: the first WORKDIR's curves.png.",
             ("out",)),
+    Command("goodput", commands.goodput, ("goodput WORKDIR [WORKDIR ...] [--json]",),
+            "Where each run's wall time went, all its attempts included: goodput (the share "
+            "spent on training steps whose work was kept) and badput by cause (start-up, "
+            "compilation, input wait, evaluation, checkpoint saves and restores, work lost "
+            "to restarts, downtime between attempts, other), in seconds and %, from the "
+            "run's metrics.jsonl. --json prints one JSON object.",
+            ("json",)),
     Command("models", commands.list_models, ("models [--json]",),
             "The registered models: parameters (1000 classes), forward GMACs of one image at "
             "the native resolution, native resolution. --json prints a JSON list instead.",
             ("json",)),
     Command("bench", commands.bench,
             ("bench train [--mode=synthetic|pipeline] [--steps=20] [--warmup_steps=3] "
-             "[--config=...] [--config.FIELD=VALUE ...] [--json]",
+             "[--goodput] [--config=...] [--config.FIELD=VALUE ...] [--json]",
              "bench scaling [--device_counts=1,2,4,8] [--steps=20] [--warmup_steps=3] "
              "[--config=...] [--config.FIELD=VALUE ...] [--json]",
              "bench input [--steps=20] [--repeats=3] [--config=...] [--config.FIELD=...]"),
@@ -101,7 +108,8 @@ COMMANDS = {command.name: command for command in (
             "run's, from that cache), step time (median, p10, p90), images/s, TFLOP/s from "
             "XLA's cost analysis, a dense-matmul rate measured in the same run and their ratio "
             "(MFU), peak memory. --mode=pipeline feeds the real input pipeline instead of one "
-            "synthetic batch. --json prints one JSON object.\n"
+            "synthetic batch. --goodput steps through the train loop's time accounting, to "
+            "measure its cost. --json prints one JSON object.\n"
             "scaling: times the train step, data parallel, on the first n devices for each "
             "count, at a fixed per-device batch: --config.batch_size is the global batch at the "
             "largest count. A table of devices, global batch, step time (median), images/s and "
@@ -111,8 +119,8 @@ COMMANDS = {command.name: command for command in (
             "pipeline, and two floors on the same files (read only; read and fully decode), each "
             "the median of --repeats passes after one warm-up pass; host memory. --json: one "
             "JSON object.",
-            ("config", "config.*", "mode", "steps", "warmup_steps", "repeats", "device_counts",
-             "json", *JOB)),
+            ("config", "config.*", "mode", "steps", "warmup_steps", "goodput", "repeats",
+             "device_counts", "json", *JOB)),
     Command("prepare", commands.prepare,
             ("prepare --manual_dir=DIR [--data_dir=DIR] [--allow_partial] "
              "[--max_size=N [--quality=Q]]",

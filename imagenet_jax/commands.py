@@ -33,7 +33,8 @@ FLAG_DEFINITIONS = {
     "workdir": (flags.DEFINE_string, None, "Checkpoints, metrics.jsonl, TensorBoard events "
                 "and the resolved config go here; re-running on it resumes. Default: "
                 "runs/<config file name>, runs/<name>_<ARG> for --config=FILE:ARG."),
-    "json": (flags.DEFINE_bool, False, "models, bench, eval: print JSON instead of a table."),
+    "json": (flags.DEFINE_bool, False, "models, bench, eval, goodput: print JSON instead of "
+             "a table."),
     "step": (flags.DEFINE_integer, None, "eval, predict, export: the checkpoint's step. "
              "Default: the latest."),
     "model": (flags.DEFINE_string, None, "import: the torchvision architecture, e.g. resnet50."),
@@ -66,6 +67,8 @@ FLAG_DEFINITIONS = {
     "repeats": (flags.DEFINE_integer, 3, "bench input: timed passes; each figure is their "
                 "median."),
     "warmup_steps": (flags.DEFINE_integer, 3, "bench: untimed steps after compilation."),
+    "goodput": (flags.DEFINE_bool, False, "bench train: each step through the train loop's "
+                "time accounting (goodput, input wait), to measure what it costs the step."),
     "device_counts": (flags.DEFINE_list, None, "bench scaling: device counts to run, e.g. "
                       "1,2,4,8. Default: the powers of two up to the device count."),
     "manual_dir": (flags.DEFINE_string, None, "prepare: the folder holding the ImageNet-2012 "
@@ -111,8 +114,10 @@ def train(args: list[str]) -> None:
     if log_file:  # every process says where its log is
         print(f"Log: {log_file} (copied into {workdir}/logs/ once the run trains; "
               "--verbosity=0 prints it here instead)", flush=True)
+    from imagenet_jax.train.goodput import process_start_time
+
     console = Console() if jax.process_index() == 0 else Console.silent()
-    began = time.monotonic()
+    started = process_start_time()  # the run's clock: "Done in" and goodput alike
     with _as_bad_config(ConfigError, prefix="config: "):
         # Checked and planned before the loop imports TensorFlow (2-3 s): a config mistake
         # is reported in about a second. (Opening a tfds: dataset imports it.)
@@ -122,13 +127,19 @@ def train(args: list[str]) -> None:
         from imagenet_jax.train.loop import train_and_evaluate
 
         try:
-            result = train_and_evaluate(config, workdir, console=console, planned=planned)
+            result = train_and_evaluate(config, workdir, console=console, planned=planned,
+                                        started=started)
         except (errors.NonFiniteError, errors.Preempted):
             logfiles.keep_log(log_file, workdir)  # it trained: its log joins the run
             raise
     logfiles.keep_log(log_file, workdir)
     if result:
-        console.finish(result, workdir, time.monotonic() - began)
+        from imagenet_jax import run_dir
+        from imagenet_jax.train.goodput import summarize
+
+        summary = summarize(run_dir.read_records(workdir, every_attempt=True))
+        console.finish(result, workdir, time.perf_counter() - started,
+                       goodput=summary.line() if summary else None)
 
 
 def evaluate(args: list[str]) -> None:
@@ -233,6 +244,27 @@ def plot(args: list[str]) -> None:
     print(f"Wrote {result['out']}: {runs}")
 
 
+def goodput(args: list[str]) -> None:
+    if not args:
+        raise ConfigError("usage: imagenet-jax goodput WORKDIR [WORKDIR ...] [--json]")
+    from imagenet_jax import run_dir
+    from imagenet_jax.train.goodput import format_breakdown, summarize
+
+    summaries = {}
+    for workdir in args:
+        summary = summarize(run_dir.read_records(workdir, every_attempt=True))
+        if summary is None:
+            raise ConfigError(f"{workdir} holds no goodput record (no metrics.jsonl, or one "
+                              "written before runs timed their parts)")
+        summaries[workdir] = summary
+    if FLAGS.json:
+        print(json.dumps({workdir: {"attempts": summary.attempts, **summary.scalars()}
+                          for workdir, summary in summaries.items()}))
+        return
+    print("\n\n".join(format_breakdown(workdir, summary)
+                       for workdir, summary in summaries.items()))
+
+
 def list_models(args: list[str]) -> None:
     from imagenet_jax.models import summary
 
@@ -263,7 +295,8 @@ def bench(args: list[str]) -> None:
             from imagenet_jax.bench.train import bench_train
 
             result = bench_train(FLAGS.config, mode=FLAGS.mode,
-                                 warmup_steps=FLAGS.warmup_steps, steps=FLAGS.steps)
+                                 warmup_steps=FLAGS.warmup_steps, steps=FLAGS.steps,
+                                 goodput=FLAGS.goodput)
         elif benchmark == "input":
             from imagenet_jax.bench.input import bench_input
 

@@ -88,8 +88,10 @@ class Console:
     def note(self, message: str) -> None:
         self._print(message)
 
-    def finish(self, result: dict, workdir: str, seconds: float) -> None:
-        """The final table: each evaluated set of weights, and where the run lives."""
+    def finish(self, result: dict, workdir: str, seconds: float,
+               goodput: str | None = None) -> None:
+        """The final table: each evaluated set of weights, where the run's time went
+        (`goodput`, a line of train/goodput.py's Summary) and where the run lives."""
         rows = [("weights", "top-1", "top-5", "loss", "examples"),
                 ("final", f"{result['top1']:.4f}", f"{result['top5']:.4f}",
                  f"{result['loss']:.4f}", f"{result['num_examples']:,}")]
@@ -101,7 +103,8 @@ class Console:
                            for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
                  for row in rows]
         self._print(f"Done at step {result['step']} in {format_duration(seconds)}; "
-                    f"validation:\n  " + "\n  ".join(lines) + f"\nWorkdir: {workdir}")
+                    f"validation:\n  " + "\n  ".join(lines)
+                    + (f"\n{goodput}" if goodput else "") + f"\nWorkdir: {workdir}")
 
     def _print(self, text: str, progress: bool = False) -> None:
         if progress and self.live:

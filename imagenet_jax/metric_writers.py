@@ -7,9 +7,14 @@
 
 Object stores have no append, so the file is never appended to: process 0 keeps the
 run's records and replaces the whole file at each record, all at once (an upload, or a
-local write and rename). Whatever kills the run, the file holds whole records, and a
-resumed run first drops the records past its checkpoint, so each record appears once.
-The file stays small: 100 bytes or so a record, a few MB for a 90-epoch ImageNet run.
+local write and rename). Whatever kills the run, the file holds whole records.
+
+Each record carries its "attempt" (1, then 2 for the first resumed run, ...), and an
+attempt's first record the step it "resumed_from". A resumed run keeps the records of the
+attempts before it, those past its checkpoint included (they say how much work was lost:
+train/goodput.py); `run_dir.read_records` leaves those out, so that each (step, split)
+is read once. The file stays small: 100 bytes or so a record (a goodput record, one per
+log and checkpoint, about 1 KB), a few MB for a 90-epoch ImageNet run.
 """
 
 from __future__ import annotations
@@ -35,24 +40,33 @@ class MetricsLogger:
         self.writer = metric_writers.create_default_writer(
             os.fspath(workdir), just_logging=not events, asynchronous=True)
         self.path = run_dir.metrics(workdir)
+        self.resume_step = resume_step
         self._lines: list[str] = []
         # Each record's "time": seconds the run has been running, carried on by a resumed
         # run from its last kept record (the time it was down is not counted).
         self._started, self._time_before = time.monotonic(), 0.0
+        self.history: list[dict] = []  # every record of the attempts before this one
         if self.is_writer:
-            records = run_dir.read_records(workdir)
-            kept = [r for r in records if r["step"] <= resume_step]
-            self._lines = [json.dumps(r) + "\n" for r in kept]
+            self.history = run_dir.read_records(workdir, every_attempt=True)
+            self._lines = [json.dumps(r) + "\n" for r in self.history]
+            kept = [r for r in run_dir.kept_records(self.history) if r["step"] <= resume_step]
             self._time_before = max((r.get("time", 0.0) for r in kept), default=0.0)
-            if len(kept) != len(records):  # a resumed run rewrites what came after
-                self._write(final=True)
+        self.attempt = 1 + max((r.get("attempt", 0) for r in self.history), default=0)
+        self._first = True
 
-    def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    def log(self, step: int, split: str, metrics: Mapping[str, float], *,
+            details: Mapping | None = None) -> None:
+        """A record of `metrics` (scalars, also TensorBoard's), with `details` (any JSON,
+        in metrics.jsonl only)."""
         scalars = {k: v if isinstance(v, int) else float(np.asarray(v)) for k, v in metrics.items()}
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self.is_writer:
             seconds = round(self._time_before + time.monotonic() - self._started, 3)
-            record = {"step": step, "split": split, **scalars, "time": seconds}
+            record = {"step": step, "split": split, **scalars, **(details or {}),
+                      "time": seconds, "attempt": self.attempt}
+            if self._first:
+                record["resumed_from"] = self.resume_step
+                self._first = False
             self._lines.append(json.dumps(record) + "\n")
             self._write(final=False)
 

@@ -3,7 +3,8 @@ metrics.jsonl written and read. Nothing else names a file of a workdir.
 
     WORKDIR/                 a local path or gs://BUCKET/PATH
       config.json            the config, what was derived from it, the model's classes
-      metrics.jsonl          one JSON record per log, evaluation and target (metric_writers)
+      metrics.jsonl          one JSON record per log, evaluation, target and goodput
+                             (metric_writers), every attempt's
       checkpoints/           Orbax steps (checkpoint.Checkpointer)
       logs/                  each command's log file, copied in once the run has trained
       eval/                  `imagenet-jax eval`'s results and diagrams
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -113,9 +115,35 @@ def read_config(workdir: str | os.PathLike) -> SavedConfig:
                        saved.get("derived"))
 
 
-def read_records(workdir: str | os.PathLike) -> list[dict]:
-    """The records of metrics.jsonl, oldest first; [] before the first."""
+def read_records(workdir: str | os.PathLike, *, every_attempt: bool = False) -> list[dict]:
+    """The records of metrics.jsonl, oldest first; [] before the first. By default the
+    run's history as kept (`kept_records`); `every_attempt`: every record of every attempt,
+    those a resumed run did again included."""
     file = metrics(workdir)
     if not file.exists():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return records if every_attempt else kept_records(records)
+
+
+def kept_records(records: Sequence[dict]) -> list[dict]:
+    """The records of the run's kept history: each (step, split) once. metrics.jsonl keeps
+    every attempt's records (each carries its "attempt"; an attempt's first record says
+    the step it "resumed_from"); an attempt's records past the step a later attempt
+    resumed from were done again, and are left out, and of an attempt's records of one
+    step and split (a goodput record, then the attempt's last) the last is kept. Records
+    of before attempts were numbered count as attempt 0."""
+    resumed_from: dict[int, int] = {}
+    for record in records:
+        resumed_from.setdefault(record.get("attempt", 0), record.get("resumed_from", 0))
+    superseded_past, horizon = {}, math.inf  # attempt -> the smallest later resume step
+    for attempt in sorted(resumed_from, reverse=True):
+        superseded_past[attempt] = horizon
+        horizon = min(horizon, resumed_from[attempt])
+    kept, seen = [], set()
+    for record in reversed(records):
+        key = (record.get("attempt", 0), record["step"], record["split"])
+        if record["step"] <= superseded_past[key[0]] and key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept[::-1]

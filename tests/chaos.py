@@ -113,8 +113,9 @@ class RunWatcher:
     The steps it logs come from WORKDIR/config.json (its total steps and log interval),
     its progress from WORKDIR/metrics.jsonl, written whole at each log after the step's
     numbers left the device. A killed run leaves records past its checkpoint, which the
-    next run drops when it starts; so the file counts as this run's only once it differs
-    from what it held before this run started.
+    next run keeps but supersedes with its first record (`run_dir.kept_records` leaves
+    them out); so the file counts as this run's only once it differs from what it held
+    before this run started.
     """
 
     def __init__(self, workdir):
@@ -147,8 +148,10 @@ class RunWatcher:
         if not self._rewritten or text is None:
             return None
         if text != self._text:  # parsed only when it changed: the killer polls often
-            steps = [r["step"] for r in map(json.loads, text.splitlines())
-                     if r["split"] == "train"]
+            from imagenet_jax.run_dir import kept_records
+
+            records = kept_records([json.loads(line) for line in text.splitlines()])
+            steps = [r["step"] for r in records if r["split"] == "train"]
             self._text, self._step = text, (steps[-1] if steps else None)
         return self._step
 

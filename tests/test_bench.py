@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
+from imagenet_jax import run_dir
 from imagenet_jax.bench.train import bench_train, format_table
 from imagenet_jax.data import loader
 from imagenet_jax.errors import ConfigError
@@ -204,9 +205,9 @@ def test_pipeline_mode_on_one_device(tiny_dataset, monkeypatch):
     monkeypatch.setattr(loader, "train_batches", slow_train_batches)
     config = tiny_config(tiny_dataset, image_size=32, batch_size=8)
     config.mesh.data = 1
-    result = _bench(config, mode="pipeline")
+    result = _bench(config, mode="pipeline", goodput=True)  # through the loop's accounting
     _assert_complete(result, global_batch_size=8, image_size=32, devices=1)
-    assert result["mode"] == "pipeline"
+    assert result["mode"] == "pipeline" and result["goodput_accounting"] is True
     assert len(opened) == 1, f"the train loop's pipeline opened {len(opened)} times, not once"
     (pipeline,) = opened
     assert pipeline.closed
@@ -265,6 +266,17 @@ def test_train_loop_compiles_each_step_once(tiny_dataset, tmp_path):
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1, traces
     assert b"train_step" in traces[0].read_bytes(), "the trace holds the step's execution"
+    # Where its time went: every category the run had is there, and they add up to its
+    # wall time, in the run's final record as in its attempt's own figures.
+    final = run_dir.read_records(tmp_path / "run")[-1]
+    assert final["split"] == "goodput" and final["step"] == 24
+    for category in ("training", "startup", "compile", "eval", "checkpoint", "other"):
+        assert final[f"{category}_s"] > 0, category
+    shares = [final["goodput_pct"]] + [v for k, v in final.items()
+                                       if k.endswith("_pct") and k != "goodput_pct"]
+    assert sum(shares) == pytest.approx(100.0, abs=0.01)
+    assert sum(final["attempt_seconds"].values()) == pytest.approx(final["attempt_wall_s"],
+                                                                  abs=1e-3)
 
 
 def test_profile_window_is_what_the_run_has_left(tmp_path):

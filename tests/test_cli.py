@@ -41,7 +41,7 @@ def test_unknown_command():
     result = run_cli("trian")
     assert result.returncode == 2
     assert ("unknown command 'trian'; valid commands: train, eval, predict, import, export, "
-            "plot, models, bench") in result.stderr
+            "plot, goodput, models, bench") in result.stderr
 
 
 def test_help_shows_how_to_override():

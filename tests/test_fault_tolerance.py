@@ -26,7 +26,7 @@ from imagenet_jax.checkpoint import Checkpointer
 from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.run_dir import read_records
-from imagenet_jax.train import assemble, loop
+from imagenet_jax.train import assemble, goodput, loop
 
 TOTAL_STEPS = 6 * (400 // 32)  # num_epochs=6 over the tiny dataset's 400 images
 
@@ -64,11 +64,35 @@ def test_sigterm_then_sigkill_resume_to_identical_parameters(tiny_dataset, unint
         assert start < kill.target <= kill.observed < TOTAL_STEPS, report.describe()
         assert kill.resumed_from <= kill.observed, report.describe()
 
-    # The resumed run's metrics.jsonl holds each record once, ending on the final eval.
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    keys = [(r["step"], r["split"]) for r in map(json.loads, lines)]
-    assert len(keys) == len(set(keys)) and keys[-2:] == [(TOTAL_STEPS, "val"),
-                                                         (TOTAL_STEPS, "val_ema")]
+    # metrics.jsonl keeps the records of each of the three attempts; the run's history
+    # holds each record once, ending on the final eval and the run's goodput.
+    keys = [(r["step"], r["split"]) for r in read_records(workdir)]
+    assert len(keys) == len(set(keys)) and keys[-3:] == [
+        (TOTAL_STEPS, "val"), (TOTAL_STEPS, "val_ema"), (TOTAL_STEPS, "goodput")]
+    every = read_records(workdir, every_attempt=True)
+    assert {r["attempt"] for r in every} == {1, 2, 3}
+    # The SIGKILLed attempt's work after the checkpoint the next one resumed from was done
+    # again: its training seconds there, as its own records give them, are lost work (the
+    # SIGTERMed attempt lost none: it saved where it stopped).
+    (kill,) = report.landed
+    killed = [r for r in every if r["split"] == "goodput" and r["attempt"] == 2]
+    kept = [r for r in killed if r["step"] <= kill.resumed_from]
+    lost = killed[-1]["attempt_seconds"]["training"] - (
+        kept[-1]["attempt_seconds"]["training"] if kept else 0.0)
+    assert killed[-1]["step"] > kill.resumed_from and lost > 0
+    summary = goodput.summarize(every)
+    assert summary.attempts == 3
+    assert summary.seconds["lost_work"] == pytest.approx(lost, abs=1e-3)
+    assert summary.seconds["downtime"] > 0  # two restarts, each a new process
+    final = read_records(workdir)[-1]
+    assert final["lost_work_s"] == pytest.approx(lost, abs=1e-3)
+    assert final["wall_s"] == pytest.approx(summary.wall_s, abs=1e-2)
+    cli = subprocess.run([sys.executable, "-m", "imagenet_jax", "goodput", str(workdir),
+                          "--json"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    printed = json.loads(cli.stdout)[str(workdir)]
+    assert printed["attempts"] == 3 and printed["lost_work_s"] == pytest.approx(lost, abs=1e-3)
     # (A test of resuming, not of learning: at 12-16 px, 72 steps and this much
     # augmentation the tiny run stays near chance; the demo runs of README's "Recipes at
     # scale" table and tests/test_learning.py are the evidence of learning.)

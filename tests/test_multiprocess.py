@@ -61,9 +61,16 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tiny_datase
     for a, b in zip(*records, strict=True):
         if a["split"] == "train":
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-        else:
+        elif a["split"] == "val":
             assert a["num_examples"] == b["num_examples"] == 70
             assert a["top1"] == b["top1"]
+    # Process 0's goodput records name the process whose input wait they charge: the
+    # slowest of the two at each log (one allgather a log, which neither process hung on).
+    timed = [r for r in records[0] if r["split"] == "goodput"]
+    assert [r["step"] for r in timed] == [1, 2, 3]
+    assert all(r["input_wait_process"] in (0, 1) for r in timed)
+    assert timed[-1]["wall_s"] == pytest.approx(sum(timed[-1]["attempt_seconds"].values()),
+                                                abs=1e-2)
     if service:  # process 0's batches, each step's once, through the service
         last = [r for r in records[0] if r["split"] == "train"][-1]
         assert last["input_served"] + last["input_made_here"] == last["step"]

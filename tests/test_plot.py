@@ -35,10 +35,10 @@ def write_run(workdir, steps, with_time=True):
 
 
 def drawn_lines(figure) -> dict[str, dict[str, tuple[list, list]]]:
-    """Each panel's lines, by title: label -> (x data, y data)."""
+    """Each curve panel's lines, by title: label -> (x data, y data)."""
     return {axis.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
                                for line in axis.lines}
-            for axis in figure.axes}
+            for axis in figure.axes if axis.get_title() in PANELS}
 
 
 def expected_lines(runs: dict[str, list[int]], timed: set[str]):
@@ -82,10 +82,14 @@ def test_plot_overlays_runs_and_names_them(tmp_path, monkeypatch):
     assert set(drawn["top-1 against time"]) == {"a/run train", "a/run val"}
     # The file holds the drawing: the figure's size, each run's lines in its own colour.
     pixels = image.imread(out)[..., :3]
-    assert pixels.shape[:2] == (560, 1040)  # 13 x 7 inches at 80 dpi
+    assert pixels.shape[:2] == (560, 1360)  # 17 x 7 inches at 80 dpi
     for colour in ("C0", "C1"):
         rgb = np.float32(colors.to_rgb(colour))
         assert np.sum(np.all(np.abs(pixels - rgb) < 0.02, axis=-1)) > 200, colour
+
+    # Neither run has goodput records: the breakdown panel says so.
+    (breakdown,) = [a for a in figure.axes if a.get_title().startswith("where the time went")]
+    assert [t.get_text() for t in breakdown.texts] == ["no goodput records in these runs"]
 
     assert run_names(["x/demo", "y/other"]) == ["demo", "other"]
     with pytest.raises(ValueError, match="has no records"):
@@ -113,3 +117,27 @@ def test_records_carry_the_time_the_run_has_been_running(tmp_path, monkeypatch):
     logger.log(3, "train", {"loss": 0.25})
     logger.close()
     assert [r["time"] for r in read_records(tmp_path)] == [2.5, 1000.0, 1007.25]
+
+
+def test_the_breakdown_panel_stacks_the_first_timed_run_shares_over_its_wall_time(
+        tmp_path, monkeypatch):
+    saved = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda figure, *a, **k: saved.append(figure) or savefig(figure, *a, **k))
+    write_run(tmp_path / "untimed", [10, 20])
+    write_run(tmp_path / "timed", [10, 20])
+    shares = [{"goodput_pct": 50.0, "compile_pct": 40.0, "startup_pct": 10.0, "wall_s": 30.0},
+              {"goodput_pct": 80.0, "compile_pct": 12.0, "startup_pct": 3.0, "input_wait_pct": 5.0,
+               "wall_s": 100.0}]
+    with (tmp_path / "timed" / "metrics.jsonl").open("a") as file:
+        for step, figures in zip((10, 20), shares, strict=True):
+            file.write(json.dumps({"step": step, "split": "goodput", **figures}) + "\n")
+    plot_runs([tmp_path / "untimed", tmp_path / "timed"], tmp_path / "out.png")
+    (figure,) = saved
+    (axis,) = [a for a in figure.axes if a.get_title().startswith("where the time went")]
+    assert axis.get_title() == "where the time went: timed"
+    layers = axis.collections  # one filled layer per category, goodput at the bottom
+    assert len(layers) == 10 and layers[0].get_label() == "goodput"
+    top = layers[-1].get_paths()[0].vertices  # the last layer's outline reaches the total
+    assert {(x, y) for x, y in top if x in (30.0, 100.0)} >= {(30.0, 100.0), (100.0, 100.0)}

@@ -60,17 +60,19 @@ def test_metrics_jsonl_on_gs_holds_each_record_once_after_a_resume(bucket):
         logger.log(step, "train", {"loss": 1.0 / step})
     logger.close()
     assert [r["step"] for r in read_records(workdir)] == list(range(1, 11))
-    # A run killed after step 10 resumes from its checkpoint of step 6: the records past
-    # it go at once, and the resumed run writes them again.
+    # A run killed after step 10 resumes from its checkpoint of step 6: the resumed run
+    # writes the records past it again, and the run's history holds each once (the
+    # file keeps both attempts').
     logger = MetricsLogger(workdir, resume_step=6)
-    assert [r["step"] for r in read_records(workdir)] == list(range(1, 7))
     for step in range(7, 11):
         logger.log(step, "train", {"loss": 1.0 / step})
     logger.close()
     records = read_records(workdir)
     assert [r["step"] for r in records] == list(range(1, 11))
+    assert [r["attempt"] for r in records] == [1] * 6 + [2] * 4
+    assert len(read_records(workdir, every_attempt=True)) == 14
     assert records[-1] == {"step": 10, "split": "train", "loss": 0.1,
-                           "time": records[-1]["time"]}
+                           "time": records[-1]["time"], "attempt": 2}
     times = [r["time"] for r in records]
     assert times == sorted(times)  # the resumed run went on from step 6's time
 
@@ -115,7 +117,7 @@ def test_a_gs_run_killed_and_resumed_equals_an_uninterrupted_one(bucket, tiny_da
     assert report.kills == 1 and report.params_equal, report
     workdir = f"{bucket}/chaos/killed"
     keys = [(r["step"], r["split"]) for r in read_records(workdir)]
-    assert len(keys) == len(set(keys)) and keys[-1] == (24, "val")
+    assert len(keys) == len(set(keys)) and keys[-2:] == [(24, "val"), (24, "goodput")]
     assert keys == [(r["step"], r["split"]) for r in read_records(local)]
     assert storage.as_path(f"{workdir}/config.json").exists()
     assert "already finished" in run_to_end(flags, workdir, env).stdout

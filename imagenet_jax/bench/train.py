@@ -28,6 +28,7 @@ from imagenet_jax.data import sources, synthetic
 from imagenet_jax.errors import ConfigError
 from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.train import assemble
+from imagenet_jax.train.goodput import TimeAccount
 
 MODES = ("synthetic", "pipeline")
 MATMUL_TARGET_SECONDS = 0.05  # long enough per timed run that dispatch and timer noise vanish
@@ -36,7 +37,7 @@ MATMUL_REPEATS = 5
 
 def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
                 warmup_steps: int = 3, steps: int = 20,
-                matmul_size: int | None = None) -> dict[str, Any]:
+                matmul_size: int | None = None, goodput: bool = False) -> dict[str, Any]:
     """Measures the train step of `config` and returns the figures as a flat dict.
 
     Modes: "synthetic" reuses one random batch placed on the devices once, so the figures
@@ -59,6 +60,9 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
       warmup_steps: untimed steps run after compilation, before the timed ones.
       steps: timed steps; the step time is their median.
       matmul_size: side of the square matmul timed for `matmul_tflops`; default by platform.
+      goodput: step as the train loop does, through its time accounting
+        (train/goodput.py: the batch through `next_batch`, each step's outputs to the
+        device watch), to measure what it costs the step.
     """
     check_arguments(mode, warmup_steps, steps)
     config, (source, derived) = plan(config, mode)
@@ -68,12 +72,12 @@ def bench_train(config: ml_collections.ConfigDict, *, mode: str = "synthetic",
         batches = (synthetic_batches(config, derived, mesh) if mode == "synthetic"
                    else pipeline_batches(config, source, mesh, services))
         return _bench(config, derived, mesh, run, batches, mode, warmup_steps, steps,
-                      matmul_size)
+                      matmul_size, goodput)
 
 
 def _bench(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh, run: Any,
            batches: Iterator[dict], mode: str, warmup_steps: int, steps: int,
-           matmul_size: int | None) -> dict[str, Any]:
+           matmul_size: int | None, goodput: bool = False) -> dict[str, Any]:
 
     state = run.state
     first_batch = next(batches)
@@ -87,7 +91,12 @@ def _bench(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh, run:
     del first_batch
 
     state = run_steps(step_fn, state, batches, warmup_steps)
-    state, step_seconds, input_seconds = time_steps(step_fn, state, batches, steps)
+    account = TimeAccount() if goodput else None
+    try:
+        state, step_seconds, input_seconds = time_steps(step_fn, state, batches, steps, account)
+    finally:
+        if account is not None:
+            account.close()
     del state  # the last one is not needed: free it before the matmul allocates
     # Read before the matmul allocates its own buffers: the peak belongs to the step.
     peak_memory_mb, peak_memory_source = peak_memory(mesh)
@@ -97,6 +106,7 @@ def _bench(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh, run:
 
     matmul = measure_matmul(mesh, jnp.dtype(derived.compute_dtype), matmul_size)
     result = describe_run(config, derived, mesh, mode, warmup_steps, steps)
+    result["goodput_accounting"] = goodput
     result["compile_s"] = compile_s
     result["compile_cache_hit"] = compile_cache_hit  # True: compile_s was already warm
     result["compile_warm_s"] = compile_warm_s
@@ -234,20 +244,23 @@ def run_steps(step_fn: Callable, state: Any, batches: Iterator[dict], num_steps:
     return jax.block_until_ready(state)
 
 
-def time_steps(step_fn: Callable, state: Any, batches: Iterator[dict],
-               num_steps: int) -> tuple[Any, list[float], list[float]]:
+def time_steps(step_fn: Callable, state: Any, batches: Iterator[dict], num_steps: int,
+               account: TimeAccount | None = None) -> tuple[Any, list[float], list[float]]:
     """Runs `num_steps` steps one at a time and returns (state, step seconds, input seconds).
 
     Each step is timed from asking for its batch to its new state being ready, so the
     step time holds any wait for input; the input time is that wait alone. The step
-    donates its state: the returned one is fed back in.
+    donates its state: the returned one is fed back in. With `account`, each step goes
+    through it as in the train loop.
     """
     step_seconds, input_seconds = [], []
     for _ in range(num_steps):
         start = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches) if account is None else account.next_batch(batches)
         fetched = time.perf_counter()
-        state, _ = step_fn(state, batch)
+        state, metrics = step_fn(state, batch)
+        if account is not None:
+            account.dispatched(metrics)
         state = jax.block_until_ready(state)
         end = time.perf_counter()
         step_seconds.append(end - start)

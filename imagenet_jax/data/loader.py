@@ -47,7 +47,10 @@ class DeviceBatches(Iterator[dict]):
         return self._host.counts if isinstance(self._host, service.OrderedBatches) else None
 
     def close(self) -> None:
-        if isinstance(self._host, service.OrderedBatches):
+        """Ends the input now (tearing a tf.data pipeline down can take seconds: here, not
+        whenever it is collected); `take_report` still answers."""
+        self._batches = iter(())
+        if self._host is not None:
             self._host.close()
 
 

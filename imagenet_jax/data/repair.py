@@ -122,6 +122,10 @@ class SkippingBatches(Iterator[dict]):
         self._iterator = iter(build(start, self.repairs).as_numpy_iterator())
         self._retries = 0
 
+    def close(self) -> None:
+        """Ends the pipeline: its threads stop here, not when it is collected."""
+        self._iterator = iter(())
+
     def __next__(self) -> dict:
         while True:
             try:

@@ -31,6 +31,7 @@ from imagenet_jax.evaluation.predictions import collect_predictions
 from imagenet_jax.metric_writers import MetricsLogger
 from imagenet_jax.parallel import describe_grid, mesh_from_shape
 from imagenet_jax.train import assemble, init_from
+from imagenet_jax.train.goodput import InputAlarm, TimeAccount, TimingReport
 from imagenet_jax.train.preemption import PreemptionWatcher
 from imagenet_jax.train.state import TrainState
 from imagenet_jax.train.step_metrics import TrainMetricsBuffer
@@ -39,43 +40,51 @@ from imagenet_jax.train.steps import ClassMap
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        console: Console | None = None,
-                       planned: tuple[sources.Source, Derived] | None = None) -> dict:
+                       planned: tuple[sources.Source, Derived] | None = None,
+                       started: float | None = None) -> dict:
     """Trains `config` in `workdir` (a path or gs:// URL) to the end and returns the final
     validation metrics. `console` (the CLI's, on process 0) shows the progress to a person;
     everything is logged through absl either way. `planned`: `assemble.plan(config)` where
-    the caller made it already (the CLI does, before TensorFlow is imported).
+    the caller made it already (the CLI does, before TensorFlow is imported). `started`:
+    when the run began on time.perf_counter's scale (the CLI's process start), for the
+    goodput records (train/goodput.py); default now.
 
     Nothing in the workdir is written before its checkpoint is known to fit `config`: a
     mistaken config on a workdir stops with CheckpointMismatch and leaves it as it was.
     """
+    account = TimeAccount(started=started)
     storage.configure()
     console = Console.silent() if console is None else console
     workdir = storage.as_path(workdir)
     source, derived = planned or assemble.plan(config)
     service = data_service.connect(config.data_service)  # an unreachable one: before the workdir
     try:
-        return _train_and_evaluate(config, workdir, console, source, derived, service)
+        return _train_and_evaluate(config, workdir, console, source, derived, service, account)
     finally:
+        account.close()
         if service is not None:
             service.close()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, console: Console,
-                        source, derived: Derived, service: data_service.Service | None) -> dict:
+                        source, derived: Derived, service: data_service.Service | None,
+                        account: TimeAccount) -> dict:
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     logging.info("Devices: %d over %d process(es): %s; %s", derived.num_devices,
                  derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     run = assemble.build(config, derived, mesh)
-    initial = start_from(config, workdir, run.state, source.class_names, console)
+    with account.charge("restore"):  # (reading init_from's weights, as a checkpoint's)
+        initial = start_from(config, workdir, run.state, source.class_names, console)
     run_dir.check_writable(workdir)  # (init_from refused: the workdir is as it was)
     checkpointer = Checkpointer(
         run_dir.checkpoints(workdir), every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, read_attempts=config.read_attempts,
         retry_delay_s=config.read_retry_delay_s)
     try:
-        state = checkpointer.restore_latest(initial)
+        with account.charge("restore"):
+            state = checkpointer.restore_latest(initial)
     except BaseException:
         checkpointer.close()
         raise
@@ -105,13 +114,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                                              stop_step=derived.num_train_steps)
     profiler = StepProfiler(os.fspath(run_dir.profile(workdir)), config.profile_start_step,
                             config.profile_num_steps, start_step, derived.num_train_steps)
+    timing = TimingReport(account, logger, console, start_step,
+                          InputAlarm(config.batch_size, on_data_service=service is not None))
+    ended_at = None  # the step this attempt ends at, done or preempted: its last record
     try:
-        last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
-                                             train_batches, start_step, checkpointer, logger,
-                                             evaluate, profiler, console)
+        try:
+            last_step, val_metrics = _train_loop(config, derived, run.train_step, state,
+                                                 train_batches, start_step, checkpointer,
+                                                 logger, evaluate, profiler, console, timing)
+            ended_at = last_step
+        except Preempted as stop:
+            ended_at = stop.step
+            raise
+        finally:
+            with account.charge("other"):
+                train_batches.close()
+            with account.charge("checkpoint"):
+                checkpointer.close()  # waits for the last save to be written
+            if ended_at is not None:
+                timing.record(ended_at)
     finally:
-        train_batches.close()
-        checkpointer.close()
         logger.close()
     return {"step": last_step, "split": "val", **val_metrics}
 
@@ -149,25 +171,30 @@ def own_checkpoint_steps(workdir: epath.Path) -> list[int]:
 
 
 def _train_loop(config, derived, train_step, state, train_batches, start_step, checkpointer,
-                logger, evaluate, profiler, console) -> tuple[int, dict]:
+                logger, evaluate, profiler, console, timing: TimingReport) -> tuple[int, dict]:
     """Steps from `start_step` to the end (or the target top-1), with logs, evals,
     checkpoints and early stops; returns the last step and its evaluation.
 
     The host only waits on the device at sync points: a log, an eval, a checkpoint.
     Before every checkpoint the steps since the last sync are checked for non-finite
-    numbers, so a saved state is always one the run would have kept.
+    numbers, so a saved state is always one the run would have kept. Where the time goes
+    is charged to `timing.account`'s categories (train/goodput.py): `training` unless
+    said otherwise.
     """
+    account = timing.account
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=derived.num_train_steps, writer=logger.writer)
     buffer = TrainMetricsBuffer(config.on_nonfinite, checkpointer.latest_step)
     preemption = PreemptionWatcher()
     val_metrics: dict = {}
     throughput = Throughput(config.batch_size, start_step)
+    account.switch("training")
     try:
         for step in range(start_step + 1, derived.num_train_steps + 1):
             profiler.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_step(state, next(train_batches))
+                state, metrics = train_step(state, account.next_batch(train_batches))
+            account.dispatched(metrics)
             profiler.after(step, state)
             buffer.add(step, metrics)
             report_progress(step)
@@ -175,36 +202,44 @@ def _train_loop(config, derived, train_step, state, train_batches, start_step, c
             # Step 1 is logged on its own: the initial loss (about ln(classes)) at once, and
             # a loss every device and process count computes from the same parameters, so
             # equal to rounding, before differences in the gradient sums compound.
-            if step % config.log_every_steps == 0 or is_last or step == 1:
+            logged = step % config.log_every_steps == 0 or is_last or step == 1
+            if logged:
                 train_metrics = buffer.drain()
                 train_metrics["images_per_sec"] = throughput.images_per_sec(step)
                 if counts := train_batches.service_counts:  # since the run (re)started
                     train_metrics.update(input_served=counts.served,
                                          input_made_here=counts.made_here,
                                          input_late=counts.late)
-                logger.log(step, "train", train_metrics)
-                console.train(step, train_metrics)
+                timing.interval_ended(step)
+                if not is_last:  # (before the train record: a run killed once a step is
+                    timing.record(step)  # logged has the time of its steps up to it)
+                with account.charge("other"):
+                    logger.log(step, "train", train_metrics)
+                    console.train(step, train_metrics)
             if step % derived.steps_per_epoch == 0 or is_last:
                 epoch = step / derived.steps_per_epoch
                 report_skipped(train_batches.take_report(), f"epoch {epoch:g}")
             reached = False
             if step % derived.eval_every_steps == 0 or is_last:
-                with throughput.paused():
+                account.sync()  # the steps' own time is not the evaluation's
+                with throughput.paused(), account.charge("eval"):
                     val_metrics = evaluate_all(evaluate, state, step, logger, console)
                 reached = reached_target(config.target_top1, val_metrics, step, derived, logger,
                                          console)
                 is_last = is_last or reached
             preempted = preemption.reached(step)
-            if is_last or preempted or checkpointer.should_save(step):
+            saved = is_last or preempted or checkpointer.should_save(step)
+            if saved:
                 buffer.check()
-                checkpointer.save(step, state, force=True)
+                with account.charge("checkpoint"):
+                    checkpointer.save(step, state, force=True)
                 console.checkpoint(step, checkpointer.directory)
             if preempted:
-                checkpointer.wait()
                 raise Preempted(step)
             if reached:
                 break
-        checkpointer.wait()
+            if saved and not logged and not is_last:  # (the last: once the saves are done)
+                timing.record(step)
     finally:
         try:
             preemption.close()
