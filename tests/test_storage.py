@@ -97,7 +97,9 @@ def test_a_folder_dataset_on_gs_trains_like_its_local_copy(bucket, tiny_dataset,
         config = tiny_config(tiny_dataset, num_epochs=1.0, checkpoint_every_steps=100)
         config.dataset = f"folder:{dataset}"
         result = loop.train_and_evaluate(config, tmp_path / name)
-        results.append((result, [r["loss"] for r in read_records(tmp_path / name)]))
+        # (The goodput records time this machine's work: they differ run to run.)
+        results.append((result, [r["loss"] for r in read_records(tmp_path / name)
+                                 if r["split"] != "goodput"]))
     assert results[0] == results[1]
     assert results[0][0]["num_examples"] == 70
 
