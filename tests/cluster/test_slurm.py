@@ -166,7 +166,7 @@ def test_two_nodes_train_like_one_process_of_four(cluster, tiny_dataset, uninter
     for a, b in zip(*records, strict=True):
         if a["split"] == "train":
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-        else:
+        elif a["split"] != "goodput":  # (goodput records time each machine's work)
             assert a["num_examples"] == b["num_examples"] == 70
             assert a["top1"] == b["top1"]
     params = [final_params(w)["params"] for w in (two, one)]
