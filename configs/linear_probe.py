@@ -16,26 +16,11 @@ Expected:  not measured on a real dataset here, so no top-1 figure is promised f
            reaches top-1 0.7460, fine-tuning it 0.7960, from scratch 0.2100 (README).
 """
 
-from imagenet_jax.config import base_config
+from imagenet_jax.config import finetune_recipe
 
 
 def get_config():
-    config = base_config()
-    config.model = "resnet50"
-    config.dataset = "folder:~/data/my_classes"
-    config.init_from = "resnet50.safetensors"
+    config = finetune_recipe()
     config.freeze = "^(?!fc/)"        # all but the classifier
-    config.bit_hyperrule = True       # steps, warmup, lr steps, resolution, mixup
-    config.batch_size = 512
-    config.eval_batch_size = 512
-    config.optimizer = "sgd"
-    config.momentum = 0.9
-    config.nesterov = False
     config.learning_rate = 0.1 * 256 / 512   # 0.1 at batch 512
-    config.weight_decay = 0.0
-    config.label_smoothing = 0.0
-    config.crop_scale = (0.75, 1.0)
-    config.eval_crop_ratio = 1.0
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
     return config

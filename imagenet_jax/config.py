@@ -216,6 +216,30 @@ def resnet_recipe(model: str) -> ml_collections.ConfigDict:
     return c
 
 
+def finetune_recipe() -> ml_collections.ConfigDict:
+    """ResNet-50 fine-tuned from weights onto a folder by BiT-HyperRule (configs/finetune.py's
+    docstring tells it); configs/linear_probe.py freezes all but its classifier."""
+    c = base_config()
+    c.model = "resnet50"
+    c.dataset = "folder:~/data/my_classes"
+    c.init_from = "resnet50.safetensors"
+    c.init_head = "auto"
+    c.bit_hyperrule = True           # steps, warmup, lr steps, resolution, mixup
+    c.batch_size = 512
+    c.eval_batch_size = 512
+    c.optimizer = "sgd"
+    c.momentum = 0.9
+    c.nesterov = False
+    c.learning_rate = 0.003 * 256 / 512   # 0.003 at batch 512
+    c.weight_decay = 0.0
+    c.label_smoothing = 0.0
+    c.crop_scale = (0.75, 1.0)
+    c.eval_crop_ratio = 1.0
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    return c
+
+
 # Fields older versions wrote that no longer exist, and why reading them back may drop them:
 # config_from_json serves evaluation, prediction and export, which they do not affect.
 RETIRED_FIELDS = {
