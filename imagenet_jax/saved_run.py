@@ -87,14 +87,7 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
                                 read_attempts=config.read_attempts,
                                 retry_delay_s=config.read_retry_delay_s)
     try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise ConfigError(f"{workdir} has no finished checkpoint (none under "
-                              f"{run_dir.checkpoints(workdir)})")
-        step = steps[0] if step is None else step
-        if step not in steps:
-            raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
-                              f"{', '.join(map(str, sorted(steps)))}")
+        step = checkpoint_step(checkpointer, workdir, step)
         derived = _derive(config, saved, len(classes))
         mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
         run = assemble.build(config, derived, mesh)
@@ -108,6 +101,20 @@ def load_saved_run(workdir: str | os.PathLike, *, step: int | None = None,
                      step)
         state = state.with_ema_weights()
     return SavedRun(config, classes, derived, mesh, run, state, step)
+
+
+def checkpoint_step(checkpointer: Checkpointer, workdir, step: int | None) -> int:
+    """`step`, or the latest for None, among the finished checkpoints of `checkpointer`
+    (the run in `workdir`); ConfigError for none at all or a step it does not hold."""
+    steps = checkpointer.steps()
+    if not steps:
+        raise ConfigError(f"{workdir} has no finished checkpoint (none under "
+                          f"{run_dir.checkpoints(workdir)})")
+    step = steps[0] if step is None else step
+    if step not in steps:
+        raise ConfigError(f"{workdir} has no checkpoint of step {step}; its steps: "
+                          f"{', '.join(map(str, sorted(steps)))}")
+    return step
 
 
 def _derive(config: ml_collections.ConfigDict, saved: run_dir.SavedConfig,

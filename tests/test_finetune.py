@@ -227,6 +227,7 @@ def test_eval_and_predict_use_the_fine_tuned_classes(probe_run, transfer_dataset
 @pytest.mark.parametrize("overrides,message", [
     ({"init_from": "/no/such/run"}, "/no/such/run does not exist"),
     ({"init_from": "NOT_WEIGHTS"}, "is not a weights file"),
+    ({"init_from": "SOURCE@99"}, "has no checkpoint of step 99; its steps: "),
     ({"freeze": "^fx/"}, "freeze: '^fx/' matches no parameter of resnet_tiny"),
     ({"lr_multipliers": (("^head/", 0.1),)}, "lr_multipliers: '^head/' matches no parameter"),
     ({"freeze": "."}, "matches every parameter of resnet_tiny: nothing would train"),
@@ -241,7 +242,9 @@ def test_bad_fine_tuning_input_is_one_error_and_leaves_no_workdir(
     not_weights = tmp_path / "notes.safetensors"
     not_weights.write_text("these are notes, not tensors")
     values = {"NOT_WEIGHTS": str(not_weights), "SOURCE": str(source_run)}
-    overrides = {k: values.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    for name, value in values.items():  # (SOURCE@99: the source run's step 99)
+        overrides = {k: v.replace(name, value) if isinstance(v, str) else v
+                     for k, v in overrides.items()}
     config = tiny_config(transfer_dataset, **overrides)
     with pytest.raises(ConfigError) as error:
         loop.train_and_evaluate(config, tmp_path / "run")

@@ -113,6 +113,7 @@ def _read_weights_file(spec: str, path: Path, config: ml_collections.ConfigDict)
 def _read_run(spec: str, workdir, step: int | None, raw: bool) -> Weights:
     from imagenet_jax.checkpoint import Checkpointer
     from imagenet_jax.config import config_from_json
+    from imagenet_jax.saved_run import checkpoint_step
 
     if not run_dir.path(workdir).joinpath(run_dir.CONFIG).exists():
         raise ConfigError(f"init_from {spec!r}: {workdir} is a folder but not a run (no "
@@ -120,21 +121,16 @@ def _read_run(spec: str, workdir, step: int | None, raw: bool) -> Weights:
     saved = run_dir.read_config(workdir)
     source_config = config_from_json(saved.config)
     folder = run_dir.checkpoints(workdir)
-    steps = []
-    if folder.exists():
-        checkpointer = Checkpointer(folder, read_only=True)
-        try:
-            steps = checkpointer.steps()
-            step = steps[0] if step is None and steps else step
-            if step in steps:
-                tree = checkpointer.load(step)
-        finally:
-            checkpointer.close()
-    if not steps:
+    if not folder.exists():
         raise ConfigError(f"init_from {spec!r}: {workdir} has no finished checkpoint")
-    if step not in steps:
-        raise ConfigError(f"init_from {spec!r}: {workdir} has no checkpoint of step {step}; "
-                          f"its steps: {', '.join(map(str, sorted(steps)))}")
+    checkpointer = Checkpointer(folder, read_only=True)
+    try:
+        step = checkpoint_step(checkpointer, workdir, step)
+        tree = checkpointer.load(step)
+    except ConfigError as e:
+        raise ConfigError(f"init_from {spec!r}: {e}") from None
+    finally:
+        checkpointer.close()
     ema = tree.get("ema")
     use_ema = bool(ema) and not raw
     weights = ema if use_ema else tree
