@@ -19,6 +19,7 @@ appended to (object stores have no append): a reader sees the old file or the ne
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -66,20 +67,33 @@ def metrics(workdir: str | os.PathLike) -> epath.Path:
 
 def check_writable(workdir: str | os.PathLike) -> None:
     """Fails at start, not at the first save, when the workdir cannot be written: a local
-    folder, or a gs:// URL (a missing bucket, no credentials, no permission)."""
+    folder, or a gs:// URL (a missing bucket, no credentials, no permission). Creates
+    nothing: a local workdir not made yet is checked at its nearest existing folder."""
     workdir = path(workdir)
     if storage.is_url(workdir) and not str(workdir).startswith("gs://"):
         raise ConfigError(f"workdir {workdir}: the URLs supported are gs://BUCKET/PATH "
                           "(Cloud Storage) and local paths")
     try:
-        if not storage.is_url(workdir):  # (a bucket has no folders; gcsfs would create one)
-            workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test.{jax.process_index()}"
+        nearest = workdir
+        if not storage.is_url(workdir):  # (a bucket has no folders to look for)
+            while not nearest.exists():
+                nearest = nearest.parent
+            if not nearest.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        probe = nearest / f".write_test.{workdir.name}.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except Exception as e:  # noqa: BLE001 - OSError locally; any client error for gs://
         reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e)[:200]}"
         raise ConfigError(f"workdir {workdir} is not writable: {reason}") from None
+
+
+def create(workdir: str | os.PathLike) -> None:
+    """`check_writable`, then the local folder made (a bucket has no folders; gcsfs would
+    create one)."""
+    check_writable(workdir)
+    if not storage.is_url(workdir):
+        path(workdir).mkdir(parents=True, exist_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)

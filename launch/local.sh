@@ -29,6 +29,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 devices=${DEVICES_PER_PROCESS:-2}
 max_restarts=${MAX_RESTARTS:-0}
 heartbeat=${HEARTBEAT_TIMEOUT_S:-30}
+# The caller's own XLA_FLAGS are kept; a device count in them is replaced.
+xla_flags=$(sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g' <<<"${XLA_FLAGS:-}")
+xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices"
+xla_flags=$(tr -s ' ' <<<"$xla_flags" | sed -E 's/^ //')
 if [[ -n ${PYTHON:-} ]]; then
   python=$PYTHON
 elif [[ -x $repo/.venv/bin/python ]]; then
@@ -54,10 +58,10 @@ run_job() {
                "--num_processes=$num_processes" "--process_id=$i"
                "--heartbeat_timeout_s=$heartbeat")
     if [[ ${DRY_RUN:-0} == 1 ]]; then
-      echo "XLA_FLAGS=--xla_force_host_platform_device_count=$devices JAX_PLATFORMS=cpu ${cmd[*]}"
+      echo "XLA_FLAGS='$xla_flags' JAX_PLATFORMS=cpu ${cmd[*]}"
       continue
     fi
-    XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
+    XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu \
       "${cmd[@]}" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
     pids+=($!)
   done

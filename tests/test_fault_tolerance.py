@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -229,7 +230,14 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
                              f"--workdir={blocker / 'run'}"], cwd=REPO, env=_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "is not writable" in result.stderr
+    assert "is not writable: Not a directory" in result.stderr
+    # Before the model is built (the log's last line is the plan's), and nothing created.
+    log = Path(result.stdout.split("Log: ", 1)[1].split(" ", 1)[0]).read_text()
+    assert "Devices:" not in log and "Parameter" not in log
+    run_dir.check_writable(tmp_path / "not" / "yet" / "made")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    run_dir.create(tmp_path / "not" / "yet" / "made")
+    assert (tmp_path / "not" / "yet" / "made").is_dir()
 
 
 def test_a_workdir_url_other_than_gs_fails_at_start(tmp_path):

@@ -267,6 +267,21 @@ def test_shellcheck_clean(script):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+# launch/local.sh (its real runs: test_multiprocess)
+
+
+def test_local_keeps_the_callers_xla_flags_and_sets_each_process_devices(tmp_path):
+    env = _env(tmp_path, DRY_RUN="1", DEVICES_PER_PROCESS="3", COORDINATOR_PORT="4321",
+               XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=8")
+    launched = _launch("local.sh", ["2", "train", "--workdir=runs/x"], env)
+    assert launched.returncode == 0, launched.stderr
+    commands = [shlex.split(line) for line in launched.stdout.splitlines()]
+    assert [command[0] for command in commands] == ["XLA_FLAGS=--xla_dump_to=/tmp/dump "
+                                                    "--xla_force_host_platform_device_count=3"] * 2
+    assert [_flag(command, "--process_id") for command in commands] == ["0", "1"]
+    assert {_flag(command, "--coordinator_address") for command in commands} == {"127.0.0.1:4321"}
+
+
 # benchmarks/gpu.sh
 
 
