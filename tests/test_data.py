@@ -209,7 +209,7 @@ def test_training_survives_bad_files_and_reports_them(bad_dataset, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "imagenet_jax", "train", f"--config={REPO}/tests/tiny_config.py",
          f"--config.dataset=folder:{root}", "--config.num_epochs=1", f"--workdir={workdir}"],
-        cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for kind in UNREADABLE:
         assert paths[kind] in result.stderr

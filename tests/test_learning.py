@@ -26,7 +26,7 @@ def test_shuffled_labels_stay_near_chance(tmp_path):
     dataset.mkdir()
     demo.write_demo_dataset(dataset, {"train": 100, "val": 20})
     shuffled = _shuffled_label_copy(dataset, tmp_path / "shuffled")
-    overrides = dict(image_size=24, batch_size=64, num_epochs=20.0, warmup_epochs=1.0,
+    overrides = dict(image_size=20, batch_size=64, num_epochs=14.0, warmup_epochs=1.0,
                      eval_every_epochs=20.0, log_every_steps=50, checkpoint_every_steps=1000)
     real_config = tiny_config(dataset, **overrides)
     control_config = tiny_config(shuffled, **overrides)
@@ -35,6 +35,8 @@ def test_shuffled_labels_stay_near_chance(tmp_path):
     control = train_and_evaluate(control_config, tmp_path / "control")
     assert real["num_examples"] == control["num_examples"] == 200
     # 10 classes: chance is 0.10, and 200 examples put its standard error near 0.021.
-    # The real labels reach about 0.55 here; 0.35 leaves room for other CPUs' rounding.
+    # The real labels reach about 0.37 here (0.55 at 24 px and 20 epochs, which cost twice
+    # as much): 0.25, seven standard errors above chance, leaves room for other CPUs'
+    # rounding; the shuffled ones reach 0.13.
     assert control["top1"] <= 0.2, control
-    assert real["top1"] >= 0.35, real
+    assert real["top1"] >= 0.25, real

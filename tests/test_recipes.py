@@ -1,6 +1,8 @@
 """The large-batch recipes against their formulas: LARS, LAMB and AdamW updates with the
 BatchNorm/bias exclusions, the poly schedule, EMA, mixup and CutMix, progressive sizes."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from imagenet_jax.config import base_config, derive, train_image_sizes, validate
+from imagenet_jax.console import Console
 from imagenet_jax.errors import ConfigError
 from imagenet_jax.run_dir import read_records
 from imagenet_jax.train import loop, mixing
@@ -192,7 +195,10 @@ def test_a_run_stops_at_its_target_top1_and_says_so_when_rerun(tiny_dataset, tmp
     assert target[0]["time"] > 0 and target[0]["top1"] == result["top1"]
     assert (tmp_path / "checkpoints" / "6").is_dir()
     records = read_records(tmp_path)
-    again = loop.train_and_evaluate(config, tmp_path)  # finished: nothing trains
-    assert again["step"] == 6 and read_records(tmp_path) == records
+    printed = io.StringIO()
+    again = loop.train_and_evaluate(config, tmp_path, console=Console(printed, live=False))
+    assert again["step"] == 6 and read_records(tmp_path) == records  # nothing trained
+    assert printed.getvalue() == (f"The run in {tmp_path} already finished (step 6, target "
+                                  "top-1 reached).\n")
     config.target_top1 = 1.0  # a higher target carries the run on from its checkpoint
     assert loop.train_and_evaluate(config, tmp_path)["step"] == 24

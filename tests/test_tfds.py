@@ -163,7 +163,7 @@ def test_fake_imagenet_prepares_and_trains(prepared, tmp_path):
          "--config.dataset=tfds:imagenet2012", f"--config.data_dir={data_dir}",
          "--config.batch_size=8", "--config.eval_batch_size=8", "--config.num_epochs=2",
          "--config.log_every_steps=1", "--config.tfds_read_processes=2", f"--workdir={workdir}"],
-        cwd=REPO, env=subprocess_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr[-3000:]
