@@ -62,31 +62,31 @@ def tiny_config(dataset_root: Path, **overrides):
 
 # The large-batch recipe's fields ride on every resumable run, so that the kill-and-resume
 # test proves each of them resumes bitwise: LARS, EMA, mixup and CutMix, RandAugment,
-# progressive resizing (12 px for epochs 0-3, 16 px for 4-5: two compiled sizes) and
+# progressive resizing (12 px for epochs 0-1, 16 px for 2-3: two compiled sizes) and
 # BatchNorm groups of 8 (each of the 4 devices' examples).
 RESUMABLE_RECIPE = {
     "optimizer": "lars", "lars_trust_coefficient": 0.1, "ema_decay": 0.9,
     "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "randaugment": "2,9",
     "batchnorm_group_examples": 8, "progressive_resize.start_size": 12,
-    "progressive_resize.end_size": 16, "progressive_resize.start_epoch": 2.0,
-    "progressive_resize.end_epoch": 5.0, "progressive_resize.step": 4,
+    "progressive_resize.end_size": 16, "progressive_resize.start_epoch": 1.0,
+    "progressive_resize.end_epoch": 3.0, "progressive_resize.step": 4,
 }
 
 
 def resumable_flags(dataset_root: Path, *extra: str) -> list[str]:
-    """CLI flags of the tiny recipe with RESUMABLE_RECIPE for 6 epochs (72 steps), a
-    checkpoint every 12 steps (each costs ~0.8 s here: every 4 steps made the run 1.5x
+    """CLI flags of the tiny recipe with RESUMABLE_RECIPE for 4 epochs (48 steps), a
+    checkpoint every 8 steps (each costs ~0.8 s here: every 4 steps made the run 1.5x
     as long)."""
     recipe = [f"--config.{name}={value}" for name, value in RESUMABLE_RECIPE.items()]
     return ["--config=tests/tiny_config.py", f"--config.dataset=folder:{dataset_root}",
-            "--config.num_epochs=6", "--config.checkpoint_every_steps=12", *recipe, *extra]
+            "--config.num_epochs=4", "--config.checkpoint_every_steps=8", *recipe, *extra]
 
 
 def resumable_config(dataset_root: Path, **overrides):
     """The config `resumable_flags` gives, as an object."""
     from imagenet_jax.config import set_field
 
-    config = tiny_config(dataset_root, num_epochs=6.0, checkpoint_every_steps=12, **overrides)
+    config = tiny_config(dataset_root, num_epochs=4.0, checkpoint_every_steps=8, **overrides)
     for name, value in RESUMABLE_RECIPE.items():
         set_field(config, name, value)
     return config

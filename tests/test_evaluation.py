@@ -142,6 +142,7 @@ def imagenet_like(tmp_path_factory):
     fake_imagenet.prepare_fake_imagenet2012_real(data_dir, download, real_json)
 
     config = tiny_config(folder, eval_batch_size=8, num_epochs=2.0, data_dir=str(data_dir))
+    config.mesh.data = 1  # (1 device against 8: test_eval_is_the_same_on_1_and_8_devices)
     workdir = root / "run"
     final = loop.train_and_evaluate(config, workdir)
     return {"root": root, "folder": folder, "workdir": workdir, "final": final,

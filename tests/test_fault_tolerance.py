@@ -28,7 +28,7 @@ from imagenet_jax.parallel import mesh_from_shape
 from imagenet_jax.run_dir import read_records
 from imagenet_jax.train import assemble, goodput, loop
 
-TOTAL_STEPS = 6 * (400 // 32)  # num_epochs=6 over the tiny dataset's 400 images
+TOTAL_STEPS = 4 * (400 // 32)  # num_epochs=4 over the tiny dataset's 400 images
 
 
 def _flags(dataset, *extra):
@@ -44,7 +44,7 @@ def test_sigterm_then_sigkill_resume_to_identical_parameters(tiny_dataset, unint
     # Every step logged, so that each signal lands at the step it is scheduled at (the log
     # interval changes no trained number: `uninterrupted` logs every 5th step).
     flags, workdir = _flags(tiny_dataset, "--config.log_every_steps=1"), tmp_path / "killed"
-    # SIGTERM at step 10: a checkpoint at the step reached, off the 12-step interval, and
+    # SIGTERM at step 10: a checkpoint at the step reached, off the 8-step interval, and
     # exit code 75.
     term, stopped = signal_at_step(flags, workdir, _env(), lambda ahead: 10,
                                    signum=signal.SIGTERM)
@@ -93,7 +93,7 @@ def test_sigterm_then_sigkill_resume_to_identical_parameters(tiny_dataset, unint
     assert cli.returncode == 0, cli.stderr[-2000:]
     printed = json.loads(cli.stdout)[str(workdir)]
     assert printed["attempts"] == 3 and printed["lost_work_s"] == pytest.approx(lost, abs=1e-3)
-    # (A test of resuming, not of learning: at 12-16 px, 72 steps and this much
+    # (A test of resuming, not of learning: at 12-16 px, 48 steps and this much
     # augmentation the tiny run stays near chance; the demo runs of README's "Recipes at
     # scale" table and tests/test_learning.py are the evidence of learning.)
 
