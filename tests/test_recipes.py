@@ -184,8 +184,8 @@ def test_bad_recipe_fields_fail_before_anything_runs(field, value, message):
 
 def test_a_run_stops_at_its_target_top1_and_says_so_when_rerun(tiny_dataset, tmp_path):
     """Every model scores some val example at the first eval (7 of each class), so a tiny
-    target is reached there: step 6 of 24, with its checkpoint and a 'target' record."""
-    config = tiny_config(tiny_dataset, num_epochs=2.0, eval_every_epochs=0.5,
+    target is reached there: step 6 of 12, with its checkpoint and a 'target' record."""
+    config = tiny_config(tiny_dataset, num_epochs=1.0, eval_every_epochs=0.5,
                          checkpoint_every_steps=100, target_top1=1e-6)
     config.mesh.data = 1
     result = loop.train_and_evaluate(config, tmp_path)
@@ -201,4 +201,4 @@ def test_a_run_stops_at_its_target_top1_and_says_so_when_rerun(tiny_dataset, tmp
     assert printed.getvalue() == (f"The run in {tmp_path} already finished (step 6, target "
                                   "top-1 reached).\n")
     config.target_top1 = 1.0  # a higher target carries the run on from its checkpoint
-    assert loop.train_and_evaluate(config, tmp_path)["step"] == 24
+    assert loop.train_and_evaluate(config, tmp_path)["step"] == 12
