@@ -113,12 +113,15 @@ def start_local(num_workers: int, cpus: list[int] | None = None) -> Service:
     service = Service(dispatcher.target, dispatcher)
     try:
         for share in cpu_shares(num_workers, cpus):
-            service.workers.append(subprocess.Popen(
+            worker = subprocess.Popen(
                 [sys.executable, "-m", "imagenet_jax", "data-service", "worker",
                  f"--dispatcher={address}", "--worker_host=127.0.0.1",
                  f"--cpus={','.join(map(str, share))}", f"--exit_with_parent={os.getpid()}"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")))
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            service.workers.append(worker)
+            threading.Thread(target=_log_lines, args=(worker.stderr, f"worker {worker.pid}"),
+                             daemon=True).start()
         for worker in service.workers:
             _wait_until_ready(worker)
     except BaseException:
@@ -127,6 +130,13 @@ def start_local(num_workers: int, cpus: list[int] | None = None) -> Service:
     logging.info("data service: dispatcher %s with %d local workers", dispatcher.target,
                  num_workers)
     return service
+
+
+def _log_lines(stream, name: str) -> None:
+    """A local worker's stderr (TensorFlow's start-up lines, its own log) into this
+    process's log, not onto the console; ends with the worker."""
+    for line in stream:
+        logging.info("data service %s: %s", name, line.rstrip())
 
 
 def cpu_shares(num_workers: int, cpus: list[int] | None = None) -> list[list[int]]:
@@ -147,7 +157,7 @@ def _wait_until_ready(worker: subprocess.Popen) -> None:
         code = worker.poll()
         raise RuntimeError(
             f"a data service worker ({' '.join(worker.args)}) "
-            + (f"exited with status {code} at start" if code is not None else
+            + (f"exited with status {code} at start (its output: the log)" if code is not None else
                f"did not start within {_WORKER_START_TIMEOUT_S:.0f} s"))
     worker.stdout.close()
 
