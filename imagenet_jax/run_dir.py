@@ -89,9 +89,8 @@ def check_writable(workdir: str | os.PathLike) -> None:
 
 
 def create(workdir: str | os.PathLike) -> None:
-    """`check_writable`, then the local folder made (a bucket has no folders; gcsfs would
-    create one)."""
-    check_writable(workdir)
+    """Makes a local workdir's folder, once `check_writable` has passed (a bucket has no
+    folders; gcsfs would create one)."""
     if not storage.is_url(workdir):
         path(workdir).mkdir(parents=True, exist_ok=True)
 

@@ -67,6 +67,7 @@ def import_to_workdir(name: str, weights: str | os.PathLike, workdir: str | os.P
         derived = derive(config, num_classes=num_classes, num_train_examples=config.batch_size,
                          num_eval_examples=0, num_devices=jax.device_count(),
                          num_processes=jax.process_count(), platform=jax.devices()[0].platform)
+    run_dir.check_writable(workdir)
     run_dir.create(workdir)
     mesh = mesh_from_shape(derived.mesh_shape, derived.dcn_data)
     run = assemble.build(config, derived, mesh)

@@ -78,7 +78,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     run = assemble.build(config, derived, mesh)
     with account.charge("restore"):  # (reading init_from's weights, as a checkpoint's)
         initial = start_from(config, workdir, run.state, source.class_names, console)
-    run_dir.create(workdir)  # (init_from refused: the workdir is as it was)
+    run_dir.create(workdir)  # checked above; init_from refused: the workdir is as it was
     checkpointer = Checkpointer(
         run_dir.checkpoints(workdir), every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints, read_attempts=config.read_attempts,
