@@ -61,9 +61,10 @@ def source_run(tiny_dataset, tmp_path_factory):
 def started(config, tmp_path):
     """(the fresh state, the state init_from makes of it) for `config`, nothing trained."""
     source, derived = assemble.plan(config)
+    fitted = loop.start_from(config, tmp_path / "new", assemble.weight_shapes(config, derived),
+                             source.class_names, Console.silent())
     run = assemble.build(config, derived, mesh_from_shape(derived.mesh_shape))
-    return run.state, loop.start_from(config, tmp_path / "new", run.state, source.class_names,
-                                      Console.silent())
+    return run.state, run.state if fitted is None else init_from.apply(fitted, run.state)
 
 
 def test_other_classes_reset_the_head_and_take_the_backbone_bitwise(
@@ -238,7 +239,11 @@ def test_eval_and_predict_use_the_fine_tuned_classes(probe_run, transfer_dataset
      "here"),
 ])
 def test_bad_fine_tuning_input_is_one_error_and_leaves_no_workdir(
-        overrides, message, source_run, transfer_dataset, tmp_path):
+        overrides, message, source_run, transfer_dataset, tmp_path, monkeypatch):
+    def build(*args):
+        raise AssertionError("a model was built for a run that bad input refuses")
+
+    monkeypatch.setattr(assemble, "build", build)  # refused before the minutes of building
     not_weights = tmp_path / "notes.safetensors"
     not_weights.write_text("these are notes, not tensors")
     values = {"NOT_WEIGHTS": str(not_weights), "SOURCE": str(source_run)}

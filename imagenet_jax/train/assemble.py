@@ -30,7 +30,7 @@ from imagenet_jax.models.layers import batchnorm_groups, freeze_batchnorm, set_b
 from imagenet_jax.parallel.sharding import ShardingRules, path_name
 from imagenet_jax.train import hyperrule
 from imagenet_jax.train.optim import create_learning_rate_fn, create_optimizer, frozen_mask
-from imagenet_jax.train.state import TrainState, create_train_state
+from imagenet_jax.train.state import TrainState, create_train_state, split_model
 from imagenet_jax.train.steps import jit_eval_step, jit_train_step
 
 
@@ -139,12 +139,11 @@ class Run:
     learning_rate_fn: Callable
 
 
-def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
-    """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
-    learning_rate_fn = create_learning_rate_fn(config, derived)
-    tx = create_optimizer(config)
+def model_maker(config: ml_collections.ConfigDict,
+                derived: Derived) -> Callable[[nnx.Rngs], nnx.Module]:
+    """rngs -> the run's model: its architecture, classes, compute dtype, BatchNorm groups
+    and frozen BatchNorms."""
     dtype = jnp.dtype(derived.compute_dtype)
-
     bn_groups = batchnorm_groups(config.batchnorm_group_examples, config.batch_size)
 
     def model_fn(rngs: nnx.Rngs) -> nnx.Module:
@@ -154,7 +153,24 @@ def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Ru
         return freeze_batchnorm(model, lambda path: config.batchnorm_frozen or bool(
             config.freeze and re.search(config.freeze, f"{path}/scale")))
 
-    graphdef, state = create_train_state(model_fn, tx, mesh, config.seed,
+    return model_fn
+
+
+def weight_shapes(config: ml_collections.ConfigDict, derived: Derived) -> dict[str, dict]:
+    """{"params": ..., "model_state": ...} of the state `build` makes, as shapes and dtypes
+    (jax.ShapeDtypeStruct), traced without creating an array: what init_from checks a
+    source against before a model is built."""
+    model_fn = model_maker(config, derived)
+    _, params, model_state = split_model(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    return {"params": params, "model_state": model_state}
+
+
+def build(config: ml_collections.ConfigDict, derived: Derived, mesh: Mesh) -> Run:
+    """The model, optimizer, initial state on `mesh`, and the jitted train and eval steps."""
+    learning_rate_fn = create_learning_rate_fn(config, derived)
+    tx = create_optimizer(config)
+    dtype = jnp.dtype(derived.compute_dtype)
+    graphdef, state = create_train_state(model_maker(config, derived), tx, mesh, config.seed,
                                          dynamic_loss_scale=dtype == jnp.float16,
                                          rules=ShardingRules.from_config(config),
                                          ema=config.ema_decay > 0,

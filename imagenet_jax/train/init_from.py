@@ -9,7 +9,8 @@ of classes (found by building the model for two class counts, so no model lists 
 by name). `config.init_head` decides what becomes of it: kept (the same classes), its rows
 of this dataset's classes taken (`keep_subset`: classes matched by name), or reset to the
 fresh run's own initialisation. Every other tensor must be in the source with its shape:
-the first that is not ends the run before anything is written, with its name and shapes.
+the first that is not ends the run before the model is built or anything is written, with
+its name and shapes.
 """
 
 from __future__ import annotations
@@ -177,42 +178,59 @@ def head_mode(init_head: str, source_classes: tuple[str, ...],
     return "reset"
 
 
-def initial_state(weights: Weights, state: TrainState, config: ml_collections.ConfigDict,
-                  class_names: tuple[str, ...]) -> tuple[TrainState, Report]:
-    """`state` (a fresh run's, on its devices) with its parameters and BatchNorm statistics
-    from `weights`, its head by config.init_head; ConfigError naming the first tensor that
-    does not fit, before anything is written."""
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """A source's tensors matched to this model: the host value of each tensor taken, by
+    (group, name), and what became of every tensor."""
+
+    values: dict[tuple[str, str], np.ndarray]
+    report: Report
+
+
+def fit(weights: Weights, target: dict[str, dict], config: ml_collections.ConfigDict,
+        class_names: tuple[str, ...]) -> Fitted:
+    """`weights` matched to this model, its head by config.init_head. `target`: this model's
+    {"params": ..., "model_state": ...}, their shapes (assemble.weight_shapes) being enough:
+    a source that does not fit is refused before any model is built, with ConfigError
+    naming the first tensor that does not fit."""
     head = head_mode(config.init_head, weights.class_names, class_names)
     heads = class_axes(config, len(class_names))
     rows = _head_rows(head, weights, class_names, config.init_from)
-    chosen, report = {}, {"taken": [], "reset": [], "left_out": []}
+    values, report = {}, {"taken": [], "reset": [], "left_out": []}
     for group in ("params", "model_state"):
         source = getattr(weights, group)
-        target = {path_name(path): leaf for path, leaf
-                  in jax.tree_util.tree_flatten_with_path(getattr(state, group))[0]}
+        wanted_here = {path_name(path): leaf for path, leaf
+                       in jax.tree_util.tree_flatten_with_path(target[group])[0]}
         # The body before the heads: a tensor of another architecture is named as such.
-        for name, wanted in sorted(target.items(), key=lambda item: item[0] in heads):
+        for name, wanted in sorted(wanted_here.items(), key=lambda item: item[0] in heads):
             value = _take(name, wanted, source, heads, head, rows, weights, config)
             if value is None:
                 report["reset"].append(name)
             else:
-                chosen[group, name] = value
+                values[group, name] = value
                 report["taken"].append(name)
-        for name in sorted(source.keys() - target.keys()):
+        for name in sorted(source.keys() - wanted_here.keys()):
             if weights.model != config.model:
                 _mismatch(weights, config, f"{name} {_shape(source[name])} there, which "
                           f"{config.model} has no place for")
             report["left_out"].append(name)
-    params = _replaced(state.params, {n: v for (g, n), v in chosen.items() if g == "params"})
-    model_state = _replaced(state.model_state,
-                            {n: v for (g, n), v in chosen.items() if g == "model_state"})
+    return Fitted(values, Report(weights.description, head, tuple(report["taken"]),
+                                 tuple(report["reset"]), tuple(report["left_out"])))
+
+
+def apply(fitted: Fitted, state: TrainState) -> TrainState:
+    """`state` (a fresh run's, on its devices) with the fitted tensors in place; the step,
+    the optimizer state and the RNG stay fresh, and the EMA starts at the new weights."""
+    params = _replaced(state.params, {n: v for (g, n), v in fitted.values.items()
+                                      if g == "params"})
+    model_state = _replaced(state.model_state, {n: v for (g, n), v in fitted.values.items()
+                                                if g == "model_state"})
     fresh = state.replace(params=params, model_state=model_state)
     if state.ema is not None:  # the averages start at the initial weights, as in every run
         fresh = fresh.replace(ema=state.ema.replace(params=jax.tree.map(jax.numpy.copy, params),
                                                     model_state=jax.tree.map(jax.numpy.copy,
                                                                              model_state)))
-    return fresh, Report(weights.description, head, tuple(report["taken"]),
-                         tuple(report["reset"]), tuple(report["left_out"]))
+    return fresh
 
 
 def _head_rows(head: str, weights: Weights, class_names: tuple[str, ...],
@@ -230,7 +248,7 @@ def _head_rows(head: str, weights: Weights, class_names: tuple[str, ...],
     return np.asarray([index[name] for name in class_names])
 
 
-def _take(name: str, wanted: jax.Array, source: dict, heads: dict, head: str,
+def _take(name: str, wanted: jax.ShapeDtypeStruct, source: dict, heads: dict, head: str,
           rows: np.ndarray | None, weights: Weights, config) -> np.ndarray | None:
     """The source's value for tensor `name` of this model, or None to keep the fresh one."""
     if name in heads and head == "reset":

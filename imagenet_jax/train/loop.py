@@ -75,9 +75,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                  derived.num_processes, describe_grid(mesh), derived)
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
-    run = assemble.build(config, derived, mesh)
     with account.charge("restore"):  # (reading init_from's weights, as a checkpoint's)
-        initial = start_from(config, workdir, run.state, source.class_names, console)
+        fitted = start_from(config, workdir, assemble.weight_shapes(config, derived),
+                            source.class_names, console)
+    run = assemble.build(config, derived, mesh)
+    initial = run.state if fitted is None else init_from.apply(fitted, run.state)
     run_dir.create(workdir)  # checked above; init_from refused: the workdir is as it was
     checkpointer = Checkpointer(
         run_dir.checkpoints(workdir), every_steps=config.checkpoint_every_steps,
@@ -139,24 +141,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     return {"step": last_step, "split": "val", **val_metrics}
 
 
-def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, state: TrainState,
-               class_names: tuple[str, ...], console: Console) -> TrainState:
-    """The fresh `state`, with config.init_from's weights where the workdir has no
-    checkpoint of its own (which it would resume from instead, saying so)."""
+def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, target: dict,
+               class_names: tuple[str, ...], console: Console) -> init_from.Fitted | None:
+    """config.init_from's weights fitted to `target` (assemble.weight_shapes), or None where
+    there is none or the workdir has a checkpoint of its own (which it resumes from
+    instead, saying so)."""
     if not config.init_from:
-        return state
+        return None
     own = own_checkpoint_steps(workdir)
     if own:
         message = (f"Resuming from this workdir's own checkpoint (step {own[0]}); init_from "
                    f"{config.init_from!r} gave only its first weights.")
         logging.info(message)
         console.note(message)
-        return state
-    weights = init_from.read(config.init_from, config)
-    state, report = init_from.initial_state(weights, state, config, class_names)
-    init_from.log_report(report)
-    console.note(report.summary())
-    return state
+        return None
+    fitted = init_from.fit(init_from.read(config.init_from, config), target, config,
+                           class_names)
+    init_from.log_report(fitted.report)
+    console.note(fitted.report.summary())
+    return fitted
 
 
 def own_checkpoint_steps(workdir: epath.Path) -> list[int]:
