@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_config
 from flax import nnx
@@ -90,14 +91,49 @@ def test_portable_cpu_math_computes_rsqrt_alike_on_every_cpu():
     np.testing.assert_array_equal(np.asarray(got), np.float32(1) / np.sqrt(x))
 
 
+class _EveryInitializer(nnx.Module):
+    """A layer of each initialiser the model zoo uses: a ResNet's or VGG's convolution
+    (variance scaling, normal), AlexNet's and VGG's classifier (normal), GoogLeNet's and
+    Inception's (truncated normal), NNX's default (LeCun's, truncated), and a BatchNorm."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(8, 16, (3, 3), rngs=rngs, kernel_init=nnx.initializers.
+                             variance_scaling(2.0, "fan_out", "normal"))
+        self.normal = nnx.Linear(64, 10, kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+        self.truncated = nnx.Linear(64, 10, kernel_init=nnx.initializers.truncated_normal(0.1),
+                                    rngs=rngs)
+        self.lecun = nnx.Linear(64, 10, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+
+
+def test_the_initialiser_compiled_once_at_level_1_gives_the_bits_of_level_2(monkeypatch):
+    """The state's initialiser runs once, so on CPUs it is compiled at LLVM's level 1 (half
+    the compile time): its values must be those level 2 gives, bit for bit, or a run's
+    first weights would depend on a compile-time setting."""
+    from imagenet_jax.train import state as train_state
+
+    mesh = mesh_from_shape({"data": 1, "fsdp": 1})
+    assert compiler_options(mesh, False, runs_once=True) == {"xla_backend_optimization_level": 1}
+    made = {}
+    for level in (1, 2):
+        if level == 2:
+            monkeypatch.setattr(train_state, "compiler_options", lambda *args, **kw: None)
+        _, state = train_state.create_train_state(_EveryInitializer, optax.sgd(0.1), mesh,
+                                                  seed=3)
+        made[level] = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(made[1]), jax.tree.leaves(made[2]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(jax.tree.leaves(made[1].params)) == 10
+
+
 def test_portable_cpu_math_reaches_every_compiled_step(tiny_dataset, monkeypatch):
     from imagenet_jax.train import state as train_state
 
     asked = []
 
-    def recording(mesh, portable_cpu_math):
-        asked.append(portable_cpu_math)
-        return compiler_options(mesh, portable_cpu_math)
+    def recording(mesh, portable_cpu_math, runs_once=False):
+        asked.append((portable_cpu_math, runs_once))
+        return compiler_options(mesh, portable_cpu_math, runs_once=runs_once)
 
     monkeypatch.setattr(steps, "compiler_options", recording)
     monkeypatch.setattr(train_state, "compiler_options", recording)
@@ -105,7 +141,8 @@ def test_portable_cpu_math_reaches_every_compiled_step(tiny_dataset, monkeypatch
         asked.clear()
         config = tiny_config(tiny_dataset, portable_cpu_math=portable)
         assemble.build(config, assemble.plan(config)[1], mesh_from_shape({"data": 1, "fsdp": 1}))
-        assert asked == [portable] * 3  # the initial state, the train step, the eval step
+        # The initial state (compiled for running once), the train step, the eval step.
+        assert asked == [(portable, True), (portable, False), (portable, False)]
 
 
 def test_eval_is_exact_with_a_ragged_last_batch_on_8_devices(tiny_dataset):

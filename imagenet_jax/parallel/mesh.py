@@ -32,14 +32,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
-def compiler_options(mesh: Mesh, portable_cpu_math: bool) -> dict | None:
-    """XLA options for a program on `mesh`. With `portable_cpu_math`, on CPUs, math that
-    rounds alike on every x86 CPU: by default XLA's CPU backend computes rsqrt
-    (BatchNorm's, in every step) as a hardware estimate refined by Newton steps whose
-    number and starting estimate differ between AMD and Intel CPUs; training amplifies
-    that last bit, and the demo ended with different accuracies on the two. With it,
-    rsqrt is IEEE's 1/sqrt everywhere, at a cost on CPUs (BENCHMARKS.md, "The demo's
-    figures on other CPUs")."""
-    if portable_cpu_math and mesh.devices.flat[0].platform == "cpu":
-        return {"xla_cpu_enable_platform_dependent_math": False}
-    return None
+def compiler_options(mesh: Mesh, portable_cpu_math: bool, *,
+                     runs_once: bool = False) -> dict | None:
+    """XLA options for a program on `mesh`.
+
+    With `portable_cpu_math`, on CPUs, math that rounds alike on every x86 CPU: by default
+    XLA's CPU backend computes rsqrt (BatchNorm's, in every step) as a hardware estimate
+    refined by Newton steps whose number and starting estimate differ between AMD and
+    Intel CPUs; training amplifies that last bit, and the demo ended with different
+    accuracies on the two. With it, rsqrt is IEEE's 1/sqrt everywhere, at a cost on CPUs
+    (BENCHMARKS.md, "The demo's figures on other CPUs").
+
+    `runs_once` (the state's initialiser): on CPUs, LLVM's optimisation level 1 instead of
+    2. The initialiser's random-number code is long and runs once: level 1 compiles it in
+    about half the time, to the same bits (tests/test_train.py; BENCHMARKS.md).
+    """
+    options = {}
+    if mesh.devices.flat[0].platform == "cpu":
+        if portable_cpu_math:
+            options["xla_cpu_enable_platform_dependent_math"] = False
+        if runs_once:
+            options["xla_backend_optimization_level"] = 1
+    return options or None

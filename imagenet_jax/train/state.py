@@ -89,7 +89,8 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module],
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     shardings = state_shardings(jax.eval_shape(init), mesh, rules)
     return graphdef, jax.jit(init, out_shardings=shardings,
-                             compiler_options=compiler_options(mesh, portable_cpu_math))()
+                             compiler_options=compiler_options(mesh, portable_cpu_math,
+                                                              runs_once=True))()
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh,
