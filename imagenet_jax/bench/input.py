@@ -250,12 +250,13 @@ def floor_dataset(source: Source, indices: np.ndarray, *, read_only: bool,
     finish = tf.strings.length if read_only else decode
     ds = tf.data.Dataset.from_tensor_slices(indices)
     if read_batch := pipeline.batch_reader(source, "train"):
-        ds = ds.batch(pipeline.READ_BATCH).map(lambda i: read_batch(i)[0],
+        ds = ds.batch(pipeline.READ_BATCH).map(order.as_written(lambda i: read_batch(i)[0]),
                                                num_parallel_calls=parallelism).unbatch()
-        ds = ds.map(finish, num_parallel_calls=parallelism)
+        ds = ds.map(order.as_written(finish), num_parallel_calls=parallelism)
     else:  # one map, as the pipeline reads and decodes in one map
         read = source.read("train")
-        ds = ds.map(lambda i: finish(read(i)[0]), num_parallel_calls=parallelism)
+        ds = ds.map(order.as_written(lambda i: finish(read(i)[0])),
+                    num_parallel_calls=parallelism)
     # Batched, as the pipeline's output is: one Python step per image would be the floor
     # measured instead of the reads.
     ds = ds.batch(FLOOR_BATCH).prefetch(tf.data.AUTOTUNE)

@@ -60,6 +60,16 @@ def epoch_permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tens
     return tf.argsort(keys, stable=True)
 
 
+def as_written(fn: Callable) -> Callable:
+    """`fn`, for a tf.data transformation to trace as written, without AutoGraph's rewrite
+    of its Python. The pipeline's functions branch and loop with TensorFlow's own ops
+    (tf.cond, tf.where, vectorised maps) or over Python values, which the rewrite leaves
+    alone: it made the same graphs, and cost each process ~2 s of its start (BENCHMARKS.md).
+    A Python `if` on a tensor in such a function fails at once, where AutoGraph would have
+    made it a tf.cond: write the tf.cond."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _batches_per_epoch(source: Source, batch_slice: BatchSlice) -> int:
     batches = steps_per_epoch(source, batch_slice.global_batch_size)
     if batches == 0:
@@ -80,7 +90,8 @@ def train_examples(source: Source, batch_slice: BatchSlice, seed: int,
         return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
 
     start_epoch, step_in_epoch = divmod(start_step, batches_per_epoch)
-    examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(epoch_examples)
+    examples = tf.data.Dataset.range(start_epoch, _NUM_EPOCHS_UNBOUNDED).flat_map(
+        as_written(epoch_examples))
     # Skipping moves over (epoch, index) pairs only: no file is read or decoded.
     return examples.skip(step_in_epoch * batch_slice.local_batch_size)
 

@@ -15,7 +15,13 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from imagenet_jax.data import preprocess, randaugment
-from imagenet_jax.data.order import BatchSlice, eval_examples, step_examples, train_examples
+from imagenet_jax.data.order import (
+    BatchSlice,
+    as_written,
+    eval_examples,
+    step_examples,
+    train_examples,
+)
 from imagenet_jax.data.repair import ReadRetry, Repairs, SkippingBatches, repaired_reader
 from imagenet_jax.data.sources import Source
 
@@ -109,7 +115,7 @@ def _read_in_batches(examples: tf.data.Dataset, read_batch: Callable, repairs: R
         return (*args, *read(args[-1]))
 
     chunk = math.gcd(local_batch_size, READ_BATCH)
-    examples = examples.batch(chunk).map(read_many, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = examples.batch(chunk).map(as_written(read_many), num_parallel_calls=tf.data.AUTOTUNE)
     return examples.unbatch()
 
 
@@ -133,8 +139,8 @@ def keyed_train_dataset(source: Source, batch_slice: BatchSlice, spec: TrainSpec
     split of its `Dataset.range`, in whatever order the service delivers them."""
     set_up_host()
     examples_of = step_examples(source, batch_slice, spec.seed)
-    ds = tf.data.Dataset.range(start_step, stop_step).flat_map(
-        lambda step: examples_of(step).map(lambda epoch, index: (step, epoch, index)))
+    ds = tf.data.Dataset.range(start_step, stop_step).flat_map(as_written(
+        lambda step: examples_of(step).map(as_written(lambda epoch, index: (step, epoch, index)))))
     ds = _train_examples_loaded(ds, source, spec, repairs, batch_slice.local_batch_size)
     return _keyed_batches(ds, batch_slice.local_batch_size)
 
@@ -146,10 +152,10 @@ def _train_examples_loaded(examples: tf.data.Dataset, source: Source, spec: Trai
     if read_batch := batch_reader(source, "train"):
         examples = _read_in_batches(examples, read_batch, repairs, local_batch_size)
         decode = train_decoder(spec)
-        return examples.map(lambda *args: _with_key(args[:-5], decode(*args[-5:])),
+        return examples.map(as_written(lambda *args: _with_key(args[:-5], decode(*args[-5:]))),
                             num_parallel_calls=tf.data.AUTOTUNE)
     load = train_loader(source, spec, repairs)
-    return examples.map(lambda *args: _with_key(args[:-2], load(*args[-2:])),
+    return examples.map(as_written(lambda *args: _with_key(args[:-2], load(*args[-2:]))),
                         num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -160,7 +166,7 @@ def _with_key(key: tuple, example: dict) -> dict:
 def _keyed_batches(examples: tf.data.Dataset, local_batch_size: int) -> tf.data.Dataset:
     """Batches of `local_batch_size` examples that share one 'position', kept as a scalar."""
     ds = examples.batch(local_batch_size, drop_remainder=True)
-    ds = ds.map(lambda batch: {**batch, "position": batch["position"][0]})
+    ds = ds.map(as_written(lambda batch: {**batch, "position": batch["position"][0]}))
     return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
@@ -213,9 +219,9 @@ def keyed_eval_dataset(source: Source, batch_slice: BatchSlice, *, split: str, i
 
     def examples_of(batch):
         examples = tf.data.Dataset.from_tensor_slices((valid[batch], indices[batch]))
-        return examples.map(lambda v, index: (batch, v, index))
+        return examples.map(as_written(lambda v, index: (batch, v, index)))
 
-    ds = tf.data.Dataset.range(start_batch, stop_batch).flat_map(examples_of)
+    ds = tf.data.Dataset.range(start_batch, stop_batch).flat_map(as_written(examples_of))
     ds = _eval_examples_loaded(ds, source, split, image_size, crop_ratio, repairs,
                                batch_slice.local_batch_size)
     return _keyed_batches(ds, batch_slice.local_batch_size)
@@ -229,11 +235,11 @@ def _eval_examples_loaded(examples: tf.data.Dataset, source: Source, split: str,
     if read_batch := batch_reader(source, split):
         examples = _read_in_batches(examples, read_batch, repairs, local_batch_size)
         decode = eval_decoder(image_size, crop_ratio)
-        return examples.map(
-            lambda *args: _with_key(args[:-5], decode(args[-4], args[-5], *args[-3:])),
+        return examples.map(as_written(
+            lambda *args: _with_key(args[:-5], decode(args[-4], args[-5], *args[-3:]))),
             num_parallel_calls=tf.data.AUTOTUNE)
     load = eval_loader(source, split, image_size, crop_ratio, repairs)
-    return examples.map(lambda *args: _with_key(args[:-2], load(args[-1], args[-2])),
+    return examples.map(as_written(lambda *args: _with_key(args[:-2], load(args[-1], args[-2]))),
                         num_parallel_calls=tf.data.AUTOTUNE)
 
 
