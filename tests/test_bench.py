@@ -138,6 +138,14 @@ def synthetic_on_8(tiny_dataset):
     return result, counts
 
 
+@pytest.fixture(scope="module")
+def synthetic_on_1(tiny_dataset):
+    """The same bench on one device."""
+    config = tiny_config(tiny_dataset, batch_size=16)
+    config.mesh.data = 1
+    return _bench(config)
+
+
 def test_synthetic_on_8_devices(synthetic_on_8):
     result, counts = synthetic_on_8
     # Compiled ahead, never in the timed loop: once cold, and once by a second train step
@@ -153,7 +161,7 @@ def test_synthetic_on_8_devices(synthetic_on_8):
     assert result["matmul_tflops"] == result["matmul_tflops_one_device"]
 
 
-def test_flops_count_the_whole_mesh(tiny_dataset, synthetic_on_8):
+def test_flops_count_the_whole_mesh(synthetic_on_8, synthetic_on_1):
     """XLA's cost analysis describes the per-device program; the result scales it back up.
 
     Not exactly equal: with the state replicated, each of the 8 devices runs the whole
@@ -161,9 +169,7 @@ def test_flops_count_the_whole_mesh(tiny_dataset, synthetic_on_8):
     Left per device, the 8-device figure would read about 1/8 of the 1-device one.
     """
     on_8, _ = synthetic_on_8
-    config = tiny_config(tiny_dataset, batch_size=16)
-    config.mesh.data = 1
-    on_1 = _bench(config)
+    on_1 = synthetic_on_1
     assert on_1["devices"] == 1
     assert on_1["flops_per_step"] <= on_8["flops_per_step"] <= 1.5 * on_1["flops_per_step"]
 
@@ -223,10 +229,8 @@ def test_pipeline_mode_on_one_device(tiny_dataset, monkeypatch):
     assert 0 < result["input_bound_ratio"] <= 1
 
 
-def test_table_and_json_hold_every_figure(tiny_dataset):
-    config = tiny_config(tiny_dataset, batch_size=8)
-    config.mesh.data = 1
-    result = _bench(config)
+def test_table_and_json_hold_every_figure(synthetic_on_1):
+    result = synthetic_on_1
     table = format_table(result).splitlines()
     assert [line.split()[0] for line in table] == list(result)
     value_column = max(len(name) for name in result) + 2
