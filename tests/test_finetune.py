@@ -61,8 +61,8 @@ def source_run(tiny_dataset, tmp_path_factory):
 def started(config, tmp_path):
     """(the fresh state, the state init_from makes of it) for `config`, nothing trained."""
     source, derived = assemble.plan(config)
-    fitted = loop.start_from(config, tmp_path / "new", assemble.weight_shapes(config, derived),
-                             source.class_names, Console.silent())
+    fitted = loop.start_from(config, tmp_path / "new", derived, source.class_names,
+                             Console.silent())
     run = assemble.build(config, derived, mesh_from_shape(derived.mesh_shape))
     return run.state, run.state if fitted is None else init_from.apply(fitted, run.state)
 

@@ -76,8 +76,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     logging.info("%d classes: %s", source.num_classes, describe_classes(source.class_names))
 
     with account.charge("restore"):  # (reading init_from's weights, as a checkpoint's)
-        fitted = start_from(config, workdir, assemble.weight_shapes(config, derived),
-                            source.class_names, console)
+        fitted = start_from(config, workdir, derived, source.class_names, console)
     run = assemble.build(config, derived, mesh)
     initial = run.state if fitted is None else init_from.apply(fitted, run.state)
     run_dir.create(workdir)  # checked above; init_from refused: the workdir is as it was
@@ -141,11 +140,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     return {"step": last_step, "split": "val", **val_metrics}
 
 
-def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, target: dict,
+def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, derived: Derived,
                class_names: tuple[str, ...], console: Console) -> init_from.Fitted | None:
-    """config.init_from's weights fitted to `target` (assemble.weight_shapes), or None where
-    there is none or the workdir has a checkpoint of its own (which it resumes from
-    instead, saying so)."""
+    """config.init_from's weights fitted to the model's shapes, before the model is built;
+    None where there is none or the workdir has a checkpoint of its own (which it resumes
+    from instead, saying so)."""
     if not config.init_from:
         return None
     own = own_checkpoint_steps(workdir)
@@ -155,8 +154,8 @@ def start_from(config: ml_collections.ConfigDict, workdir: epath.Path, target: d
         logging.info(message)
         console.note(message)
         return None
-    fitted = init_from.fit(init_from.read(config.init_from, config), target, config,
-                           class_names)
+    fitted = init_from.fit(init_from.read(config.init_from, config),
+                           assemble.weight_shapes(config, derived), config, class_names)
     init_from.log_report(fitted.report)
     console.note(fitted.report.summary())
     return fitted
