@@ -146,24 +146,19 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def class_axes(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, int]:
+def class_axes(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]],
+               num_classes: int) -> dict[str, int]:
     """{path: axis} of every tensor whose shape depends on the number of classes (the
-    classifier and auxiliary heads): the model built for `num_classes` and for one more
-    differ there and nowhere else."""
-    def shapes(count: int) -> dict[str, tuple[int, ...]]:
-        abstract = nnx.eval_shape(lambda: models.create(
-            config.model, num_classes=count, rngs=nnx.Rngs(0), **config.model_options))
-        return {name: tuple(leaf.shape) for name, leaf in _flat_shapes(nnx.state(abstract))}
-
-    these, more = shapes(num_classes), shapes(num_classes + 1)
+    classifier and auxiliary heads): `shapes`, the model's for `num_classes`, and the model
+    built for one more class differ there and nowhere else."""
+    abstract = nnx.eval_shape(lambda: models.create(
+        config.model, num_classes=num_classes + 1, rngs=nnx.Rngs(0), **config.model_options))
+    pure = nnx.to_pure_dict(nnx.state(abstract))
+    more = {path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
     return {name: next(axis for axis, (a, b) in enumerate(zip(shape, more[name], strict=True))
                        if a != b)
-            for name, shape in these.items() if shape != more[name]}
-
-
-def _flat_shapes(state):
-    pure = nnx.to_pure_dict(state)
-    return [(path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]]
+            for name, shape in shapes.items() if shape != more[name]}
 
 
 def head_mode(init_head: str, source_classes: tuple[str, ...],
@@ -194,13 +189,15 @@ def fit(weights: Weights, target: dict[str, dict], config: ml_collections.Config
     a source that does not fit is refused before any model is built, with ConfigError
     naming the first tensor that does not fit."""
     head = head_mode(config.init_head, weights.class_names, class_names)
-    heads = class_axes(config, len(class_names))
+    leaves = {group: {path_name(path): leaf for path, leaf
+                      in jax.tree_util.tree_flatten_with_path(target[group])[0]}
+              for group in ("params", "model_state")}
+    heads = class_axes(config, {name: tuple(leaf.shape) for group in leaves.values()
+                                for name, leaf in group.items()}, len(class_names))
     rows = _head_rows(head, weights, class_names, config.init_from)
     values, report = {}, {"taken": [], "reset": [], "left_out": []}
-    for group in ("params", "model_state"):
+    for group, wanted_here in leaves.items():
         source = getattr(weights, group)
-        wanted_here = {path_name(path): leaf for path, leaf
-                       in jax.tree_util.tree_flatten_with_path(target[group])[0]}
         # The body before the heads: a tensor of another architecture is named as such.
         for name, wanted in sorted(wanted_here.items(), key=lambda item: item[0] in heads):
             value = _take(name, wanted, source, heads, head, rows, weights, config)
